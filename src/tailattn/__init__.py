@@ -1,0 +1,24 @@
+"""tailattn: sparse attention for video diffusion transformers with tail aggregation.
+
+Compute the important keys exactly and aggregate the dropped tail (Unified Tail Aggregation)
+instead of discarding it. Entry points: :func:`attention`, :func:`full_attention`, the method
+registry :data:`registry`, and :mod:`tailattn.metrics`.
+"""
+
+from . import metrics, reference, select
+from ._api import attention
+from .methods import Method, registry
+from .reference import full_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Method",
+    "__version__",
+    "attention",
+    "full_attention",
+    "metrics",
+    "reference",
+    "registry",
+    "select",
+]

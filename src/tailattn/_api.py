@@ -1,0 +1,76 @@
+"""The public entry point :func:`attention`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._checks import check_grid, check_layout, check_qkv, check_scale
+from .methods import Method, registry
+from .reference import full_attention, oracle_attention
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str | Method = "full",
+    *,
+    keep: float | None = None,
+    grid: tuple[int, int, int] | None = None,
+    layout: str = "bhnd",
+    scale: float | None = None,
+    return_info: bool = False,
+    **params: Any,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    """Sparse attention: the selected keys exactly, the dropped tail through a tail estimator.
+
+    ``O = (sum_T e^{z_i} v_i + sum_t e^{z_t} v_t) / (sum_T e^{z_i} + sum_t e^{z_t})`` with
+    ``z_i = s q.k_i``, kept set T from the selection and tail tokens t from the tail (Eq. 14).
+
+    Args:
+        q: (B, H, Nq, D), or (B, Nq, H, D) with ``layout="bnhd"``.
+        k: (B, H, Nk, D), same layout.
+        v: (B, H, Nk, Dv), same layout.
+        method: spec string ``SELECTION[(k=v,...)][+TAIL[(k=v,...)]]`` such as ``"topk+uta"``,
+            ``"topp(p=0.9)+bins8"``, or a :class:`~tailattn.methods.Method`.
+        keep: keep ratio in (0, 1] for budgeted selections (fraction of keys kept per query).
+        grid: latent video grid (T, H, W) with T * H * W = Nk, for grid-based methods; checked
+            when given.
+        layout: ``"bhnd"`` or ``"bnhd"``.
+        scale: logit scale s, default 1/sqrt(D).
+        return_info: also return a dict with ``method`` (canonical spec), ``density`` (measured
+            kept fraction), ``lse`` (B, H, Nq), and for oracle methods the mean and per-head
+            ``recall``, ``budget``, ``tail_mass_error`` and ``implied_tv``.
+        **params: method parameters by name (e.g. ``p=0.9``), as an alternative to writing
+            them in the spec; giving one both ways with different values is an error.
+
+    Returns:
+        The output in the input's layout and dtype, and the info dict with ``return_info``.
+    """
+    layout = check_layout(layout)
+    bound = registry.bind(method, keep=keep, **params)
+    q4, k4, v4 = check_qkv(q, k, v, layout)
+    s = check_scale(scale, q4.shape[-1])
+    if grid is not None:
+        check_grid(grid, k4.shape[2])
+
+    info: dict[str, Any] = {"method": bound.method.spec}
+    if bound.granularity == "dense":
+        out, lse = full_attention(q4, k4, v4, s, return_lse=True)
+        info["density"] = 1.0
+    elif bound.granularity == "token":
+        out, lse, stats = oracle_attention(
+            q4, k4, v4, bound.selection, bound.tail, s, with_stats=return_info
+        )
+        out = out.to(q4.dtype)
+        for name, value in stats.items():
+            info[name] = float(value.mean())
+            info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
+    else:
+        raise ValueError(f"no executor for {bound.granularity} selections yet")
+    info["lse"] = lse
+    if layout == "bnhd":
+        out = out.transpose(1, 2)
+    return (out, info) if return_info else out

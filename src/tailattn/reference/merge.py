@@ -1,0 +1,43 @@
+"""Log-sum-exp merging of attention parts.
+
+A part is a normalized output ``o`` with its log-sum-exp ``lse`` (the log of the unnormalized
+softmax denominator). Two parts over disjoint key sets merge exactly as
+
+    lse = logaddexp(lse_a, lse_b),   o = e^(lse_a - lse) o_a + e^(lse_b - lse) o_b,
+
+which never adds probabilities computed with different maxima. A tail token (logit z_t, value
+v_t) is a part with ``o = v_t`` and ``lse = z_t`` (Eq. 14 of the paper is this merge).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_tokens(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    token_logits: torch.Tensor,
+    token_values: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge T extra tokens into a normalized part.
+
+    Args:
+        out: (..., Dv) normalized output of the exactly computed keys.
+        lse: (...) its log-sum-exp; ``-inf`` when that part is empty.
+        token_logits: (..., T) logits of the extra tokens (``log`` of their mass); ``-inf`` marks
+            an empty token.
+        token_values: (..., T, Dv) their values, or ``None`` for tokens that join the
+            denominator only (value 0, the ``uta-norm`` ablation).
+
+    Returns:
+        (out, lse) of the union.
+    """
+    total = torch.logaddexp(lse, torch.logsumexp(token_logits, dim=-1))
+    # guard: an all-empty union (cannot happen with a selection that keeps >= 1 key) stays finite
+    safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    merged = torch.exp(lse - safe_total).unsqueeze(-1) * out
+    if token_values is not None:
+        weights = torch.exp(token_logits - safe_total.unsqueeze(-1))
+        merged = merged + (weights.unsqueeze(-1) * token_values).sum(dim=-2)
+    return merged, total

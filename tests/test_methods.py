@@ -1,0 +1,85 @@
+"""Method specs and the registry."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import tailattn
+from tailattn.methods import Method, Registry
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("topk", "topk"),
+        ("topk+drop", "topk"),
+        ("topk+uta", "topk+uta"),
+        ("topk+bins8", "topk+bins(n=8)"),
+        ("topk + bins(n=8, mode=width)", "topk+bins(mode=width, n=8)"),
+        ("topp(p=0.9)+uta-norm", "topp(p=0.9)+uta-norm"),
+        ("threshold(lam=1e-3)+lowdelta(delta=0.25)", "threshold(lam=0.001)+lowdelta(delta=0.25)"),
+    ],
+)
+def test_parse_and_canonical_form(spec, canonical):
+    m = Method.parse(spec)
+    assert m.spec == canonical
+    assert Method.parse(m.spec) == m
+
+
+def test_selection_names_keep_their_digits():
+    m = Method.parse("svg2(keep=0.1)+uta")
+    assert m.selection == "svg2"
+    assert dict(m.selection_params) == {"keep": 0.1}
+
+
+def test_digit_shorthand_conflicts_with_explicit_n():
+    with pytest.raises(ValueError, match="given twice"):
+        Method.parse("topk+bins8(n=4)")
+
+
+def test_bind_routes_keyword_parameters():
+    bound = tailattn.registry.bind("topp+bins", p=0.8, n=4)
+    assert bound.selection.p == 0.8
+    assert bound.tail.n == 4
+    assert bound.granularity == "token"
+
+
+def test_keep_in_spec_or_keyword_is_the_same(skewed):
+    q, k, v = skewed(n=64)
+    a = tailattn.attention(q, k, v, "topk(keep=0.25)+uta")
+    b = tailattn.attention(q, k, v, "topk+uta", keep=0.25)
+    assert torch.equal(a, b)
+
+
+def test_registry_is_extensible_without_touching_the_core(skewed):
+    registry = Registry()
+
+    @registry.selection("first-half", granularity="token")
+    @dataclass(frozen=True)
+    class FirstHalf:
+        def __call__(self, z):
+            kept = torch.zeros_like(z, dtype=torch.bool)
+            kept[..., : z.shape[-1] // 2] = True
+            return kept
+
+    for name, entry in tailattn.registry.tails("token").items():
+        registry.tail(name, granularity="token")(entry.factory)
+    bound = registry.bind("first-half+uta")
+    assert isinstance(bound.selection, FirstHalf)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.selection("first-half", granularity="token")(
+            dataclass(frozen=True)(type("Other", (), {}))
+        )
+
+
+def test_registered_names():
+    assert {"full", "topk", "topp", "threshold"} <= set(tailattn.registry.selections())
+    assert set(tailattn.registry.tails("token")) == {
+        "drop",
+        "uta",
+        "uta-norm",
+        "bins",
+        "lowdelta",
+        "moment",
+    }
