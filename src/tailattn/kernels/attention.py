@@ -1,0 +1,353 @@
+r"""Fused block-sparse flash attention with the tail inside the kernel (forward, Triton).
+
+One program handles ``BLOCK_M`` query rows of one (batch, head) and walks the kept key blocks of
+its query block (the layout's CSR row) with an online softmax in the exp2 domain:
+
+    m' = max(m, rowmax(t)),  l' = l e^{m - m'} + sum_j e^{t_j - m'},
+    acc' = acc e^{m - m'} + e^{t - m'} V_tile,      t = s log2(e) q k^T,
+
+accumulating in float32. The tail then joins the same running (m, l, acc) as extra tokens
+(the log-sum-exp merge of Eq. 14, done in registers):
+
+* ``TAIL_UTA``: one token per query, logit s q.kbar_D + log N_d with the mean dropped key
+  kbar_D = (K_total - sum_{kept j} K_sum_j) / N_d and value vbar_D likewise (Eq. 10-13). The kept
+  block sums are gathered in the same loop that visits the kept blocks, so the tail costs
+  O(kept blocks * d) per query block, not O(N * d).
+* ``TAIL_BLOCKS``: every dropped key block j is one token (s q.kbar_j + log n_j, vbar_j): the
+  pooled keys are streamed in tiles of ``BLOCK_P`` with the kept blocks masked out.
+* ``TAIL_DROP``: nothing (Top-K renormalization).
+
+Output: O = acc / l in the input dtype, lse = (m + log2 l) ln 2 in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+TAIL_DROP: tl.constexpr = tl.constexpr(0)
+TAIL_UTA: tl.constexpr = tl.constexpr(1)
+TAIL_BLOCKS: tl.constexpr = tl.constexpr(2)
+TAIL_CODES = {"drop": 0, "uta": 1, "blocks": 2}
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; ``UPCAST`` multiplies in float32 (the CPU interpreter mis-multiplies bfloat16)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _online_update(m_i, l_i, acc, t, vals, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold logits t (M, P) (log2 domain) with values (P, Dv) into the running softmax."""
+    m_new = tl.maximum(m_i, tl.max(t, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(t - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(vals.dtype), vals, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KvIdx,
+    KvCnt,
+    KSum,
+    VSum,
+    KTot,
+    VTot,
+    KBar,
+    VBar,
+    LogCnt,
+    KeptMask,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    sib,
+    sih,
+    sim,
+    scb,
+    sch,
+    s_ksb,
+    s_ksh,
+    s_ksm,
+    s_vsb,
+    s_vsh,
+    s_vsm,
+    s_ktb,
+    s_kth,
+    s_vtb,
+    s_vth,
+    s_kbb,
+    s_kbh,
+    s_kbm,
+    s_vbb,
+    s_vbh,
+    s_vbm,
+    s_mb,
+    s_mh,
+    s_mm,
+    H,
+    N_Q,
+    N_K,
+    M_K,
+    scale_log2,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    TAIL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qblock = pid_m * BLOCK_M // BLOCK_Q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < N_Q
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    idx_row = KvIdx + b * sib + h * sih + qblock * sim
+    count = tl.load(KvCnt + b * scb + h * sch + qblock)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    k_kept = tl.zeros([HEAD_D], dtype=tl.float32)
+    v_kept = tl.zeros([HEAD_DV], dtype=tl.float32)
+    n_kept = tl.zeros([], dtype=tl.int32)
+
+    for i in range(0, count):
+        kb = tl.load(idx_row + i)
+        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
+            cols = kb * BLOCK_K + sub + offs_n
+            col_ok = cols < N_K
+            k = tl.load(
+                k_base + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
+                mask=col_ok[None, :],
+                other=0.0,
+            )
+            t = _dot(q, k, PRECISION, UPCAST) * scale_log2
+            t = tl.where(col_ok[None, :], t, float("-inf"))
+            v = tl.load(
+                v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
+                mask=col_ok[:, None],
+                other=0.0,
+            )
+            m_i, l_i, acc = _online_update(m_i, l_i, acc, t, v, PRECISION, UPCAST)
+        if TAIL == TAIL_UTA:
+            k_kept += tl.load(KSum + b * s_ksb + h * s_ksh + kb * s_ksm + offs_d)
+            v_kept += tl.load(VSum + b * s_vsb + h * s_vsh + kb * s_vsm + offs_dv)
+            n_kept += tl.minimum(BLOCK_K, N_K - kb * BLOCK_K)
+
+    if TAIL == TAIL_UTA:
+        n_d = N_K - n_kept
+        if n_d > 0:
+            k_tail = (tl.load(KTot + b * s_ktb + h * s_kth + offs_d) - k_kept) / n_d
+            v_tail = (tl.load(VTot + b * s_vtb + h * s_vth + offs_dv) - v_kept) / n_d
+            t = tl.sum(q.to(tl.float32) * k_tail[None, :], axis=1) * scale_log2
+            t = t + tl.math.log2(n_d.to(tl.float32))
+            m_new = tl.maximum(m_i, t)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(t - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_tail[None, :]
+            m_i = m_new
+
+    if TAIL == TAIL_BLOCKS:
+        kbar_base = KBar + b * s_kbb + h * s_kbh
+        vbar_base = VBar + b * s_vbb + h * s_vbh
+        kept_row = KeptMask + b * s_mb + h * s_mh + qblock * s_mm
+        offs_p = tl.arange(0, BLOCK_P)
+        for p0 in range(0, M_K, BLOCK_P):
+            pj = p0 + offs_p
+            p_ok = pj < M_K
+            dropped = (tl.load(kept_row + pj, mask=p_ok, other=1) == 0) & p_ok
+            kbar = tl.load(
+                kbar_base + pj[None, :] * s_kbm + offs_d[:, None], mask=p_ok[None, :], other=0.0
+            )
+            t = (
+                _dot(q, kbar, PRECISION, UPCAST) * scale_log2
+                + tl.load(LogCnt + pj, mask=p_ok, other=0.0)[None, :]
+            )
+            t = tl.where(dropped[None, :], t, float("-inf"))
+            vbar = tl.load(
+                vbar_base + pj[:, None] * s_vbm + offs_dv[None, :], mask=p_ok[:, None], other=0.0
+            )
+            m_i, l_i, acc = _online_update(m_i, l_i, acc, t, vbar, PRECISION, UPCAST)
+
+    out = acc / l_i[:, None]
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    block_q, block_k = kwargs["BLOCK_Q"], kwargs["BLOCK_K"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_q and c.kwargs["BLOCK_N"] <= block_k]
+    return kept or configs[:1]
+
+
+_block_sparse_fwd_tuned = triton.autotune(
+    configs=_configs(),
+    key=["HEAD_D", "HEAD_DV", "TAIL", "BLOCK_Q", "BLOCK_K", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_sparse_fwd)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    tail: str,
+    tail_tensors: dict[str, torch.Tensor],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Run the kernel on prepared (B, H, N, D) views; returns lse (B, H, Nq) float32."""
+    b, h, n_q, d = q.shape
+    n_k, dv = k.shape[2], v.shape[3]
+    m_k = triton.cdiv(n_k, block_k)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    dummy = torch.zeros(1, 1, 1, 1, device=q.device, dtype=torch.float32)
+    t = {name: tail_tensors.get(name, dummy) for name in ("ksum", "vsum", "kbar", "vbar")}
+    ktot = tail_tensors.get("ktot", dummy[0])
+    vtot = tail_tensors.get("vtot", dummy[0])
+    logcnt = tail_tensors.get("logcnt", dummy.view(-1))
+    kept = tail_tensors.get("kept", dummy.to(torch.int8))
+
+    def grid(meta):
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_indices,
+        kv_counts,
+        t["ksum"],
+        t["vsum"],
+        ktot,
+        vtot,
+        t["kbar"],
+        t["vbar"],
+        logcnt,
+        kept,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        kv_indices.stride(0),
+        kv_indices.stride(1),
+        kv_indices.stride(2),
+        kv_counts.stride(0),
+        kv_counts.stride(1),
+        t["ksum"].stride(0),
+        t["ksum"].stride(1),
+        t["ksum"].stride(2),
+        t["vsum"].stride(0),
+        t["vsum"].stride(1),
+        t["vsum"].stride(2),
+        ktot.stride(0),
+        ktot.stride(1),
+        vtot.stride(0),
+        vtot.stride(1),
+        t["kbar"].stride(0),
+        t["kbar"].stride(1),
+        t["kbar"].stride(2),
+        t["vbar"].stride(0),
+        t["vbar"].stride(1),
+        t["vbar"].stride(2),
+        kept.stride(0),
+        kept.stride(1),
+        kept.stride(2),
+        h,
+        n_q,
+        n_k,
+        m_k,
+        scale * LOG2E,
+    )
+    meta = dict(
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        HEAD_D=d,
+        HEAD_DV=dv,
+        TAIL=TAIL_CODES[tail],
+        BLOCK_P=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+    )
+    if interpreting():
+        bm, bn = min(64, block_q), min(64, block_k)
+        _block_sparse_fwd[(triton.cdiv(n_q, bm), b * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        _block_sparse_fwd_tuned[grid](*args, **meta)
+    return lse

@@ -1,0 +1,119 @@
+"""Python entry of the fused block-sparse kernel: checks, permutation, tail statistics, launch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layout import BlockLayout, invert_permutation
+from . import attention as _attn
+from .pooling import block_sums
+
+KERNEL_TAILS = ("drop", "uta", "blocks")
+KERNEL_BLOCK_SIZES = (64, 128)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(
+    q: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
+) -> str | None:
+    """Why the kernel cannot run these inputs (None when it can)."""
+    if tail not in KERNEL_TAILS:
+        return f"tail {tail!r} (the kernel runs {', '.join(KERNEL_TAILS)})"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    for name, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if dim not in KERNEL_HEAD_DIMS:
+            return f"{name} {dim} (the kernel takes {KERNEL_HEAD_DIMS})"
+    for name, size in (("block_q", layout.block_q), ("block_k", layout.block_k)):
+        if size not in KERNEL_BLOCK_SIZES:
+            return f"{name}={size} (the kernel takes {KERNEL_BLOCK_SIZES})"
+    return None
+
+
+def _gather(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    if perm is None:
+        return x if x.stride(-1) == 1 else x.contiguous()
+    index = perm.expand(x.shape[:3]).unsqueeze(-1).expand(x.shape)
+    return torch.gather(x, 2, index)
+
+
+def _tail_tensors(
+    k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
+) -> dict[str, torch.Tensor]:
+    """Per-block statistics the tail reads: sums for ``uta``, pooled tokens for ``blocks``."""
+    if tail == "drop":
+        return {}
+    ksum, vsum = block_sums(k, layout.block_k), block_sums(v, layout.block_k)
+    if tail == "uta":
+        return {"ksum": ksum, "vsum": vsum, "ktot": ksum.sum(2), "vtot": vsum.sum(2)}
+    counts = layout.k_block_sizes().to(torch.float32)
+    return {
+        "kbar": (ksum / counts[:, None]).to(k.dtype),
+        "vbar": (vsum / counts[:, None]).to(v.dtype),
+        "logcnt": torch.log2(counts),
+        "kept": layout.to_dense().to(torch.int8),
+    }
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    tail: str = "drop",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention over ``layout`` with the tail fused in (Triton).
+
+    Args:
+        q: (B, H, Nq, D); any strides with a unit stride on D (a (B, N, H, D) tensor viewed as
+            bhnd runs without a copy).
+        k: (B, H, Nk, D).
+        v: (B, H, Nk, Dv).
+        layout: kept key blocks; block sizes 64 or 128; its permutations are applied to the
+            inputs and undone on the output.
+        tail: ``drop``, ``uta`` or ``blocks``.
+        scale: logit scale, default 1/sqrt(D).
+
+    Returns:
+        out with q's shape (B, H, Nq, Dv) in q's dtype and original token order, and lse
+        (B, H, Nq) float32 (natural log).
+    """
+    reason = unsupported_reason(q, v, layout, tail)
+    if reason is not None:
+        raise ValueError(f"the Triton kernel cannot run {reason}")
+    if q.device.type != "cuda" and not _attn.interpreting():
+        raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    b, h, n_q, _ = q.shape
+    if (tuple(layout.batch_heads), layout.n_q, layout.n_k) != ((b, h), n_q, k.shape[2]):
+        raise ValueError(
+            f"layout is for (B, H)={layout.batch_heads}, n_q={layout.n_q}, n_k={layout.n_k} but "
+            f"the inputs have (B, H)={(b, h)}, Nq={n_q}, Nk={k.shape[2]}"
+        )
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qp = _gather(q, layout.q_perm)
+    kp, vp = _gather(k, layout.kv_perm), _gather(v, layout.kv_perm)
+    out = torch.empty((*qp.shape[:3], v.shape[-1]), device=q.device, dtype=q.dtype)
+    lse = _attn.launch(
+        qp,
+        kp,
+        vp,
+        layout.kv_indices.contiguous(),
+        layout.kv_counts.contiguous(),
+        layout.block_q,
+        layout.block_k,
+        s,
+        tail,
+        _tail_tensors(kp, vp, layout, tail),
+        out,
+    )
+    if layout.q_perm is not None:
+        inv = invert_permutation(layout.q_perm)
+        out = _gather(out, inv)
+        lse = torch.gather(lse, 2, inv.expand(lse.shape))
+    return out, lse
