@@ -19,7 +19,7 @@ conversion method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -62,6 +62,8 @@ class BlockLayout:
     """Kept key blocks per (batch, head, query block); see the module docstring for the fields.
 
     The reference executor accepts any block size >= 1; the Triton kernels take 64 or 128.
+    ``check=False`` skips validation (device syncs) for layouts correct by construction, such
+    as a top-k selection's; everything else should leave it on.
     """
 
     kv_indices: torch.Tensor
@@ -72,8 +74,9 @@ class BlockLayout:
     block_k: int = 128
     q_perm: torch.Tensor | None = None
     kv_perm: torch.Tensor | None = None
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool) -> None:
         for name in ("n_q", "n_k", "block_q", "block_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -97,6 +100,8 @@ class BlockLayout:
             )
         if idx.shape[3] < 1 or idx.shape[3] > mk:
             raise ValueError(f"kv_indices last axis must be in [1, {mk}], got {idx.shape[3]}")
+        if not check:
+            return
         if bool((cnt < 1).any()) or bool((cnt > idx.shape[3]).any()):
             raise ValueError(
                 f"kv_counts must be in [1, {idx.shape[3]}]: every query block keeps at least one "

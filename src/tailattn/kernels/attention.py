@@ -261,80 +261,32 @@ def launch(
     tail: str,
     tail_tensors: dict[str, torch.Tensor],
     out: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Run the kernel on prepared (B, H, N, D) views; returns lse (B, H, Nq) float32."""
+    """Run the kernel on prepared (B, H, N, D) views; returns lse (B, H, Nq) float32.
+
+    ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) skips autotuning; the
+    interpreter always uses a fixed small config.
+    """
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
-    m_k = triton.cdiv(n_k, block_k)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     dummy = torch.zeros(1, 1, 1, 1, device=q.device, dtype=torch.float32)
-    t = {name: tail_tensors.get(name, dummy) for name in ("ksum", "vsum", "kbar", "vbar")}
-    ktot = tail_tensors.get("ktot", dummy[0])
-    vtot = tail_tensors.get("vtot", dummy[0])
+    ksum, vsum, kbar, vbar = (tail_tensors.get(n, dummy) for n in ("ksum", "vsum", "kbar", "vbar"))
+    ktot, vtot = tail_tensors.get("ktot", dummy[0]), tail_tensors.get("vtot", dummy[0])
     logcnt = tail_tensors.get("logcnt", dummy.view(-1))
     kept = tail_tensors.get("kept", dummy.to(torch.int8))
-
-    def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        kv_indices,
-        kv_counts,
-        t["ksum"],
-        t["vsum"],
-        ktot,
-        vtot,
-        t["kbar"],
-        t["vbar"],
-        logcnt,
-        kept,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        kv_indices.stride(0),
-        kv_indices.stride(1),
-        kv_indices.stride(2),
-        kv_counts.stride(0),
-        kv_counts.stride(1),
-        t["ksum"].stride(0),
-        t["ksum"].stride(1),
-        t["ksum"].stride(2),
-        t["vsum"].stride(0),
-        t["vsum"].stride(1),
-        t["vsum"].stride(2),
-        ktot.stride(0),
-        ktot.stride(1),
-        vtot.stride(0),
-        vtot.stride(1),
-        t["kbar"].stride(0),
-        t["kbar"].stride(1),
-        t["kbar"].stride(2),
-        t["vbar"].stride(0),
-        t["vbar"].stride(1),
-        t["vbar"].stride(2),
-        kept.stride(0),
-        kept.stride(1),
-        kept.stride(2),
-        h,
-        n_q,
-        n_k,
-        m_k,
-        scale * LOG2E,
-    )
+    tensors = (q, k, v, out, lse, kv_indices, kv_counts, ksum, vsum, ktot, vtot, kbar, vbar)
+    strides = [
+        *(x.stride()[:3] for x in (q, k, v, out, kv_indices)),
+        kv_counts.stride()[:2],
+        *(x.stride()[:3] for x in (ksum, vsum)),
+        ktot.stride()[:2],
+        vtot.stride()[:2],
+        *(x.stride()[:3] for x in (kbar, vbar, kept)),
+    ]
+    args = (*tensors, logcnt, kept, *(st for group in strides for st in group))
+    args = (*args, h, n_q, n_k, triton.cdiv(n_k, block_k), scale * LOG2E)
     meta = dict(
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
@@ -346,8 +298,10 @@ def launch(
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )
     if interpreting():
-        bm, bn = min(64, block_q), min(64, block_k)
-        _block_sparse_fwd[(triton.cdiv(n_q, bm), b * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        config = {"BLOCK_M": min(64, block_q), "BLOCK_N": min(64, block_k)}
+    if config is not None:
+        grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
+        _block_sparse_fwd[grid](*args, **meta, **config)
     else:
-        _block_sparse_fwd_tuned[grid](*args, **meta)
+        _block_sparse_fwd_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)](*args, **meta)
     return lse

@@ -65,6 +65,9 @@ def block_sparse_attention(
     layout: BlockLayout,
     tail: str = "drop",
     scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention over ``layout`` with the tail fused in (Triton).
 
@@ -77,6 +80,9 @@ def block_sparse_attention(
             inputs and undone on the output.
         tail: ``drop``, ``uta`` or ``blocks``.
         scale: logit scale, default 1/sqrt(D).
+        out: optional (B, H, Nq, Dv) buffer in q's dtype with a unit stride on Dv to write into.
+        config: fixed kernel config (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``)
+            instead of autotuning.
 
     Returns:
         out with q's shape (B, H, Nq, Dv) in q's dtype and original token order, and lse
@@ -98,7 +104,14 @@ def block_sparse_attention(
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qp = _gather(q, layout.q_perm)
     kp, vp = _gather(k, layout.kv_perm), _gather(v, layout.kv_perm)
-    out = torch.empty((*qp.shape[:3], v.shape[-1]), device=q.device, dtype=q.dtype)
+    shape = (*qp.shape[:3], v.shape[-1])
+    if out is not None and (out.shape != shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must be {shape} in {q.dtype} with a unit last stride")
+    result = (
+        out
+        if out is not None and layout.q_perm is None
+        else torch.empty(shape, device=q.device, dtype=q.dtype)
+    )
     lse = _attn.launch(
         qp,
         kp,
@@ -110,10 +123,11 @@ def block_sparse_attention(
         s,
         tail,
         _tail_tensors(kp, vp, layout, tail),
-        out,
+        result,
+        config,
     )
     if layout.q_perm is not None:
         inv = invert_permutation(layout.q_perm)
-        out = _gather(out, inv)
+        result = _gather(result, inv) if out is None else out.copy_(_gather(result, inv))
         lse = torch.gather(lse, 2, inv.expand(lse.shape))
-    return out, lse
+    return result, lse
