@@ -11,8 +11,10 @@ import math
 import torch
 
 from tailattn.bench import parse_shape
-from tailattn.kernels import block_sparse_attention
+from tailattn.kernels import block_sparse_attention, block_sums
 from tailattn.kernels.scoring import pooled_logits, topk_layout
+from tailattn.layout import block_sizes
+from tailattn.reference import merge_tokens
 
 
 def reference_rows(q, k, v, layout, tail, rows):
@@ -22,37 +24,27 @@ def reference_rows(q, k, v, layout, tail, rows):
     z = (qr @ k.float().transpose(-1, -2)) * s
     dense = layout.to_dense()[:, :, rows // layout.block_q]
     kept = dense[..., torch.arange(k.shape[2], device=q.device) // layout.block_k]
-    logits = [z.masked_fill(~kept, -math.inf)]
-    values = [v.float().unsqueeze(2).expand(-1, -1, len(rows), -1, -1)]
+    zk = z.masked_fill(~kept, -math.inf)
+    lse_k = torch.logsumexp(zk, -1)
+    out = torch.softmax(zk, -1) @ v.float()
     if tail == "uta":
         w = (~kept).float()
-        n = w.sum(-1, keepdim=True)
-        logits.append(((z * w).sum(-1, keepdim=True) / n.clamp_min(1)) + torch.log(n.clamp_min(1)))
-        values.append(((w @ v.float()) / n.clamp_min(1)).unsqueeze(-2))
+        n = w.sum(-1, keepdim=True).clamp_min(1)
+        logits = (z * w).sum(-1, keepdim=True) / n + torch.log(n)
+        values = ((w @ v.float()) / n).unsqueeze(-2)
+        out, lse_k = merge_tokens(out, lse_k, logits, values)
     if tail == "blocks":
-        from tailattn.kernels import block_sums
-        from tailattn.layout import block_sizes
-
         sizes = block_sizes(k.shape[2], layout.block_k, q.device).float()
         kbar = block_sums(k, layout.block_k) / sizes[:, None]
         vbar = block_sums(v, layout.block_k) / sizes[:, None]
-        t = (qr @ kbar.transpose(-1, -2)) * s + torch.log(sizes)
-        logits.append(t.masked_fill(dense, -math.inf))
-        values.append(vbar.unsqueeze(2).expand(-1, -1, len(rows), -1, -1))
-    all_logits = torch.cat(logits, -1)
-    w = torch.softmax(all_logits, -1)
-    out = sum(
-        (w[..., a:b, None] * val).sum(-2)
-        for (a, b), val in zip(spans([x.shape[-1] for x in logits]), values, strict=True)
-    )
-    return out, torch.logsumexp(all_logits, -1)
-
-
-def spans(sizes):
-    start = 0
-    for size in sizes:
-        yield start, start + size
-        start += size
+        logits = ((qr @ kbar.transpose(-1, -2)) * s + torch.log(sizes)).masked_fill(
+            dense, -math.inf
+        )
+        w = torch.exp(logits - logits.amax(-1, keepdim=True).clamp_min(-1e30))
+        part = (w @ vbar) / w.sum(-1, keepdim=True)
+        lse_t = torch.logsumexp(logits, -1)
+        out, lse_k = merge_tokens(out, lse_k, lse_t[..., None], part.unsqueeze(-2))
+    return out, lse_k
 
 
 def main() -> None:

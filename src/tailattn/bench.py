@@ -84,6 +84,11 @@ def run(
     from .kernels.scoring import pooled_logits, topk_layout
 
     say = progress or (lambda _: None)
+
+    def add(row: BenchRow) -> None:
+        rows.append(row)
+        say(to_markdown([row], "").splitlines()[-1])
+
     b, h, n, d = shape
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
@@ -97,12 +102,10 @@ def run(
 
     say("dense cuDNN")
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
-    rows.append(BenchRow("sdpa-cudnn", 1.0, "-", cudnn, dense_flops / cudnn / 1e9, 1.0, 1.0))
+    add(BenchRow("sdpa-cudnn", 1.0, "-", cudnn, dense_flops / cudnn / 1e9, 1.0, 1.0))
     say("dense flash")
     flash = sdpa(SDPBackend.FLASH_ATTENTION)
-    rows.append(
-        BenchRow("sdpa-flash", 1.0, "-", flash, dense_flops / flash / 1e9, 1.0, cudnn / flash)
-    )
+    add(BenchRow("sdpa-flash", 1.0, "-", flash, dense_flops / flash / 1e9, 1.0, cudnn / flash))
 
     flex = torch.compile(flex_attention, dynamic=False)
     for keep in keeps:
@@ -115,12 +118,12 @@ def run(
         )
         density = layout.density()
         flops = pair_flops(layout, d)
-        rows.append(BenchRow("scoring+topk", keep, "-", score_ms, 0.0, density, cudnn / score_ms))
+        add(BenchRow("scoring+topk", keep, "-", score_ms, 0.0, density, cudnn / score_ms))
         say(f"flex keep={keep}")
         mask = layout.to_block_mask()
         flex(q, k, v, block_mask=mask)
         flex_ms = time_ms(lambda mask=mask: flex(q, k, v, block_mask=mask))
-        rows.append(
+        add(
             BenchRow("flex", keep, "drop", flex_ms, flops / flex_ms / 1e9, density, cudnn / flex_ms)
         )
         for tail in tails:
@@ -128,7 +131,7 @@ def run(
             ms = time_ms(
                 lambda layout=layout, tail=tail: block_sparse_attention(q, k, v, layout, tail)
             )
-            rows.append(
+            add(
                 BenchRow(
                     "tailattn", keep, tail, ms, flops / ms / 1e9, density, cudnn / ms, flex_ms / ms
                 )

@@ -200,6 +200,7 @@ class BlockLayout:
     def to_block_mask(self):  # -> torch.nn.attention.flex_attention.BlockMask
         """A FlexAttention ``BlockMask`` with the same kept blocks (needs PyTorch >= 2.5).
 
+        FlexAttention wants one index slot per key block, so the CSR rows are padded to Mk.
         Ragged last blocks are handled through ``seq_lengths``; tokens are in the layout's
         permuted order, so permute q, k, v the same way before calling ``flex_attention``.
         """
@@ -214,9 +215,11 @@ class BlockLayout:
         def inside(b, h, q_idx, kv_idx):
             return kv_idx < n_k
 
+        pad = self.num_k_blocks - self.kv_indices.shape[-1]
+        indices = torch.nn.functional.pad(self.kv_indices, (0, pad)) if pad else self.kv_indices
         return BlockMask.from_kv_blocks(
             self.kv_counts,
-            self.kv_indices,
+            indices.contiguous(),
             BLOCK_SIZE=(self.block_q, self.block_k),
             mask_mod=inside,
             seq_lengths=(self.n_q, self.n_k),
