@@ -149,3 +149,32 @@ def test_block_sums_ragged():
     ref = torch.stack([x[:, :, i : i + 128].sum(2) for i in range(0, 300, 128)], 2)
     assert sums.shape == (2, 3, 3, 32)
     assert float((sums - ref).abs().max()) < 1e-4
+
+
+def test_block_means_and_log_counts():
+    from tailattn.kernels.pooling import block_means
+
+    x = torch.randn(1, 2, 200, 64, device=DEVICE)
+    means, log_count = block_means(x, 64, torch.float32)
+    sizes = block_sizes(200, 64).double()
+    ref = torch.stack([x[:, :, i : i + 64].double().mean(2) for i in range(0, 200, 64)], 2)
+    assert float((means.double().cpu() - ref.cpu()).abs().max()) < 1e-5
+    assert torch.allclose(log_count.double().cpu(), torch.log(sizes))
+
+
+def test_pooled_logits_and_topk_layout():
+    from tailattn.kernels.scoring import pooled_logits, topk_layout
+
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, 300, 32, generator=gen).to(DEVICE) for _ in range(2))
+    scores = pooled_logits(q, k, 64, 64, 0.2)
+    sizes = block_sizes(300, 64).double()
+    qbar = torch.stack([q[:, :, i : i + 64].double().mean(2) for i in range(0, 300, 64)], 2)
+    kbar = torch.stack([k[:, :, i : i + 64].double().mean(2) for i in range(0, 300, 64)], 2)
+    ref = 0.2 * qbar.cpu() @ kbar.cpu().transpose(-1, -2) + torch.log(sizes)
+    assert float((scores.double().cpu() - ref).abs().max()) < 1e-4
+    layout = topk_layout(scores, 0.4, 300, 300, 64, 64)
+    assert layout.kv_counts.unique().tolist() == [2]
+    chosen = ref.gather(-1, layout.kv_indices.long().cpu())
+    unchosen = ref.masked_fill(layout.to_dense().cpu(), -math.inf)
+    assert bool((chosen.amin(-1) >= unchosen.amax(-1)).all())

@@ -139,6 +139,13 @@ def run(
     return rows
 
 
+def tuned_config() -> str:
+    """The autotuner's last choice for the fused kernel (for the benchmark log)."""
+    from .kernels.attention import _block_sparse_fwd_tuned
+
+    return str(getattr(_block_sparse_fwd_tuned, "best_config", None))
+
+
 def to_markdown(rows: Sequence[BenchRow], title: str) -> str:
     """A markdown table of the rows."""
     lines = [

@@ -186,6 +186,14 @@ class BlockLayout:
         idx = torch.where(self.valid_mask(), self.kv_indices.long(), self.num_k_blocks)
         return mask.scatter_(-1, idx, True)[..., :-1]
 
+    def kept_blocks_int8(self) -> torch.Tensor:
+        """The block mask as int8 (B, H, Mq, Mk), computed once per layout (kernels read it)."""
+        cached = self.__dict__.get("_kept_int8")
+        if cached is None:
+            cached = self.to_dense().to(torch.int8)
+            object.__setattr__(self, "_kept_int8", cached)
+        return cached
+
     def token_mask(self, rows: slice | None = None) -> torch.Tensor:
         """Bool (B, H, len(rows), Nk) kept mask at token level, in permuted coordinates.
 

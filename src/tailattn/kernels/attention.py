@@ -17,6 +17,8 @@ accumulating in float32. The tail then joins the same running (m, l, acc) as ext
   pooled keys are streamed in tiles of ``BLOCK_P`` with the kept blocks masked out.
 * ``TAIL_DROP``: nothing (Top-K renormalization).
 
+The pooled tokens' log counts come in natural log (from :func:`block_means`).
+
 Output: O = acc / l in the input dtype, lse = (m + log2 l) ln 2 in float32.
 """
 
@@ -37,93 +39,40 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot; ``UPCAST`` multiplies in float32 (the CPU interpreter mis-multiplies bfloat16)."""
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b; ``UPCAST`` multiplies in float32 (the CPU interpreter mis-multiplies bf16)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _online_update(m_i, l_i, acc, t, vals, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold logits t (M, P) (log2 domain) with values (P, Dv) into the running softmax."""
-    m_new = tl.maximum(m_i, tl.max(t, axis=1))
+def _softmax_step(
+    m_i, l_i, acc, s, scale, vals, PRECISION: tl.constexpr, UPCAST: tl.constexpr
+):  # fmt: skip
+    """Fold scores s (M, P) with values (P, Dv) into the running softmax; logits = s * scale
+    in the log2 domain (one FMA per score: exp2(s * scale - m))."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    p = tl.math.exp2(s * scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(t - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(vals.dtype), vals, PRECISION, UPCAST)
+    acc = _dot(p.to(vals.dtype), vals, acc * alpha[:, None], PRECISION, UPCAST)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _block_sparse_fwd(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    KvIdx,
-    KvCnt,
-    KSum,
-    VSum,
-    KTot,
-    VTot,
-    KBar,
-    VBar,
-    LogCnt,
-    KeptMask,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sob,
-    soh,
-    son,
-    sib,
-    sih,
-    sim,
-    scb,
-    sch,
-    s_ksb,
-    s_ksh,
-    s_ksm,
-    s_vsb,
-    s_vsh,
-    s_vsm,
-    s_ktb,
-    s_kth,
-    s_vtb,
-    s_vth,
-    s_kbb,
-    s_kbh,
-    s_kbm,
-    s_vbb,
-    s_vbh,
-    s_vbm,
-    s_mb,
-    s_mh,
-    s_mm,
-    H,
-    N_Q,
-    N_K,
-    M_K,
-    scale_log2,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    TAIL: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+    Q, K, V, Out, Lse, KvIdx, KvCnt,
+    KSum, VSum, KTot, VTot, KBar, VBar, LogCnt, KeptMask,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    sib, sih, sim, scb, sch,
+    s_ksb, s_ksh, s_ksm, s_vsb, s_vsh, s_vsm, s_ktb, s_kth, s_vtb, s_vth,
+    s_kbb, s_kbh, s_kbm, s_vbb, s_vbh, s_vbm, s_mb, s_mh, s_mm,
+    H, N_Q, N_K, M_K, scale_log2,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, TAIL: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -153,29 +102,32 @@ def _block_sparse_fwd(
     v_kept = tl.zeros([HEAD_DV], dtype=tl.float32)
     n_kept = tl.zeros([], dtype=tl.int32)
 
+    # exact part: the kept key blocks of this query block
     for i in range(0, count):
         kb = tl.load(idx_row + i)
         for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
-            cols = kb * BLOCK_K + sub + offs_n
-            col_ok = cols < N_K
+            start = kb * BLOCK_K + sub
+            cols = start + offs_n
             k = tl.load(
                 k_base + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
-                mask=col_ok[None, :],
+                mask=cols[None, :] < N_K,
                 other=0.0,
             )
-            t = _dot(q, k, PRECISION, UPCAST) * scale_log2
-            t = tl.where(col_ok[None, :], t, float("-inf"))
+            s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            if start + BLOCK_N > N_K:  # only the ragged last block pays for the mask
+                s = tl.where(cols[None, :] < N_K, s, float("-inf"))
             v = tl.load(
                 v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
-                mask=col_ok[:, None],
+                mask=cols[:, None] < N_K,
                 other=0.0,
             )
-            m_i, l_i, acc = _online_update(m_i, l_i, acc, t, v, PRECISION, UPCAST)
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, scale_log2, v, PRECISION, UPCAST)
         if TAIL == TAIL_UTA:
             k_kept += tl.load(KSum + b * s_ksb + h * s_ksh + kb * s_ksm + offs_d)
             v_kept += tl.load(VSum + b * s_vsb + h * s_vsh + kb * s_vsm + offs_dv)
             n_kept += tl.minimum(BLOCK_K, N_K - kb * BLOCK_K)
 
+    # UTA: one token from the mean dropped key and value (Eq. 10-13), merged in registers
     if TAIL == TAIL_UTA:
         n_d = N_K - n_kept
         if n_d > 0:
@@ -190,6 +142,7 @@ def _block_sparse_fwd(
             acc = acc * alpha[:, None] + p[:, None] * v_tail[None, :]
             m_i = m_new
 
+    # blocks: every dropped key block as one pooled token (mean key, mean value, log count)
     if TAIL == TAIL_BLOCKS:
         kbar_base = KBar + b * s_kbb + h * s_kbh
         vbar_base = VBar + b * s_vbb + h * s_vbh
@@ -202,15 +155,14 @@ def _block_sparse_fwd(
             kbar = tl.load(
                 kbar_base + pj[None, :] * s_kbm + offs_d[:, None], mask=p_ok[None, :], other=0.0
             )
-            t = (
-                _dot(q, kbar, PRECISION, UPCAST) * scale_log2
-                + tl.load(LogCnt + pj, mask=p_ok, other=0.0)[None, :]
-            )
-            t = tl.where(dropped[None, :], t, float("-inf"))
+            s = _dot(q, kbar, tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32), PRECISION, UPCAST)
+            log2_count = tl.load(LogCnt + pj, mask=p_ok, other=0.0) * 1.4426950408889634
+            s = s * scale_log2 + log2_count[None, :]
+            s = tl.where(dropped[None, :], s, float("-inf"))
             vbar = tl.load(
                 vbar_base + pj[:, None] * s_vbm + offs_dv[None, :], mask=p_ok[:, None], other=0.0
             )
-            m_i, l_i, acc = _online_update(m_i, l_i, acc, t, vbar, PRECISION, UPCAST)
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, 1.0, vbar, PRECISION, UPCAST)
 
     out = acc / l_i[:, None]
     tl.store(
@@ -225,10 +177,8 @@ def _block_sparse_fwd(
 def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
+        for bm, bn, w in ((128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))
+        for s in (2, 3, 4)
     ]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ..layout import BlockLayout, invert_permutation
 from . import attention as _attn
-from .pooling import block_sums
+from .pooling import block_means, block_sums
 
 KERNEL_TAILS = ("drop", "uta", "blocks")
 KERNEL_BLOCK_SIZES = (64, 128)
@@ -46,16 +46,16 @@ def _tail_tensors(
     """Per-block statistics the tail reads: sums for ``uta``, pooled tokens for ``blocks``."""
     if tail == "drop":
         return {}
-    ksum, vsum = block_sums(k, layout.block_k), block_sums(v, layout.block_k)
+    b, h, _, d = k.shape
     if tail == "uta":
-        return {"ksum": ksum, "vsum": vsum, "ktot": ksum.sum(2), "vtot": vsum.sum(2)}
-    counts = layout.k_block_sizes().to(torch.float32)
-    return {
-        "kbar": (ksum / counts[:, None]).to(k.dtype),
-        "vbar": (vsum / counts[:, None]).to(v.dtype),
-        "logcnt": torch.log2(counts),
-        "kept": layout.to_dense().to(torch.int8),
-    }
+        sums = torch.empty(b, h, layout.num_k_blocks, d + v.shape[-1], device=k.device)
+        ksum = block_sums(k, layout.block_k, out=sums[..., :d])
+        vsum = block_sums(v, layout.block_k, out=sums[..., d:])
+        totals = sums.sum(2)
+        return {"ksum": ksum, "vsum": vsum, "ktot": totals[..., :d], "vtot": totals[..., d:]}
+    kbar, log_count = block_means(k, layout.block_k, k.dtype)
+    vbar, _ = block_means(v, layout.block_k, v.dtype)
+    return {"kbar": kbar, "vbar": vbar, "logcnt": log_count, "kept": layout.kept_blocks_int8()}
 
 
 def block_sparse_attention(

@@ -1,8 +1,12 @@
-"""Per-block token sums in one pass: the statistics that block scoring and the tails need.
+"""Per-block token sums or means in one pass: what block scoring and the tails need.
 
-``block_sums(x, block)`` returns S[b, h, j] = sum of x[b, h, i] over the tokens i of block j
-(ragged last block included), in float32. Mean-pooled vectors are S / n_j; the UTA tail uses the
-key and value sums directly (DESIGN.md: the mean dropped key is (total - kept sums) / N_d).
+For block j of ``block`` tokens (the last one ragged, n_j tokens):
+
+    S[b, h, j] = sum_{i in j} x[b, h, i]        (``block_sums``, float32)
+    M[b, h, j] = S[b, h, j] / n_j               (``block_means``, in any float dtype)
+
+The UTA tail uses key and value sums directly (DESIGN.md: the mean dropped key is
+(total - kept sums) / N_d); pooled scoring and the ``blocks`` tail use means.
 """
 
 from __future__ import annotations
@@ -13,67 +17,79 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_sum_kernel(
-    X,
-    Out,
-    stride_xb,
-    stride_xh,
-    stride_xn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    H,
-    N,
-    BLOCK: tl.constexpr,
-    D: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
+def _block_reduce_kernel(
+    X, Out, LogCount,
+    stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_om,
+    H, N,
+    BLOCK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, MEAN: tl.constexpr,
+    WRITE_LOG_COUNT: tl.constexpr,
+):  # fmt: skip
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, D)
     acc = tl.zeros([D], dtype=tl.float32)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    base = X + b * stride_xb + h * stride_xh
     for start in tl.static_range(0, BLOCK, CHUNK):
         rows = j * BLOCK + start + tl.arange(0, CHUNK)
         ptrs = base + rows[:, None].to(tl.int64) * stride_xn + offs_d[None, :]
         tile = tl.load(ptrs, mask=rows[:, None] < N, other=0.0)
         acc += tl.sum(tile.to(tl.float32), axis=0)
-    out = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + j * stride_om
-    tl.store(out + offs_d, acc)
+    count = tl.minimum(BLOCK, N - j * BLOCK).to(tl.float32)
+    if MEAN:
+        acc = acc / count
+    out = Out + b * stride_ob + h * stride_oh + j * stride_om
+    tl.store(out + offs_d, acc.to(Out.dtype.element_ty))
+    if WRITE_LOG_COUNT:  # noqa: SIM102 (a constexpr and a run-time test)
+        if bh == 0:
+            tl.store(LogCount + j, tl.log(count))
 
 
-def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+def _reduce(
+    x: torch.Tensor, block: int, out: torch.Tensor, mean: bool, log_count: torch.Tensor | None
+) -> torch.Tensor:
+    b, h, n, d = x.shape
+    if x.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("block reductions need a unit stride on the head dim")
+    if d & (d - 1) or block & (block - 1) or block < 16:
+        raise ValueError(f"block reductions need power-of-two D and block >= 16, got {d}, {block}")
+    _block_reduce_kernel[(out.shape[2], b * h)](
+        x, out, out if log_count is None else log_count,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, n, BLOCK=block, D=d, CHUNK=min(block, 32), MEAN=mean,
+        WRITE_LOG_COUNT=log_count is not None,
+    )  # fmt: skip
+    return out
+
+
+def block_sums(x: torch.Tensor, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of each block of ``block`` tokens.
 
     Args:
         x: (B, H, N, D) with unit stride on D (a (B, N, H, D) tensor viewed as bhnd is fine).
         block: tokens per block (power of two, >= 16).
+        out: optional float32 (B, H, ceil(N / block), D) destination with unit stride on D.
 
     Returns:
         (B, H, ceil(N / block), D) float32.
     """
     b, h, n, d = x.shape
-    if x.stride(-1) != 1:
-        raise ValueError("block_sums needs unit stride on the head dim")
-    if d & (d - 1) or block & (block - 1) or block < 16:
-        raise ValueError(f"block_sums needs power-of-two D and block >= 16, got D={d}, {block}")
+    if out is None:
+        out = torch.empty(b, h, triton.cdiv(n, block), d, device=x.device, dtype=torch.float32)
+    return _reduce(x, block, out, mean=False, log_count=None)
+
+
+def block_means(
+    x: torch.Tensor, block: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each block and the log of its token count.
+
+    Returns:
+        means (B, H, ceil(N / block), D) in ``dtype`` and log n_j (ceil(N / block),) float32.
+    """
+    b, h, n, d = x.shape
     m = triton.cdiv(n, block)
-    out = torch.empty(b, h, m, d, device=x.device, dtype=torch.float32)
-    _block_sum_kernel[(m, b * h)](
-        x,
-        out,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        h,
-        n,
-        BLOCK=block,
-        D=d,
-        CHUNK=min(block, 32),
-    )
-    return out
+    out = torch.empty(b, h, m, d, device=x.device, dtype=dtype)
+    log_count = torch.empty(m, device=x.device, dtype=torch.float32)
+    return _reduce(x, block, out, mean=True, log_count=log_count), log_count

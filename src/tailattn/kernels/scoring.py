@@ -14,19 +14,24 @@ import math
 
 import torch
 
-from ..layout import BlockLayout, block_sizes
-from .pooling import block_sums
+from ..layout import BlockLayout
+from .pooling import block_means
 
 
 def pooled_logits(
     q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, scale: float
 ) -> torch.Tensor:
-    """S (B, H, Mq, Mk) float32 from (B, H, N, D) q and k (block sums through Triton)."""
-    q_sizes = block_sizes(q.shape[2], block_q, q.device).to(torch.float32)
-    k_sizes = block_sizes(k.shape[2], block_k, k.device).to(torch.float32)
-    qbar = block_sums(q, block_q) / q_sizes[:, None]
-    kbar = block_sums(k, block_k) / k_sizes[:, None]
-    return torch.matmul(qbar, kbar.transpose(-1, -2)) * scale + torch.log(k_sizes)
+    """S (B, H, Mq, Mk) float32 from (B, H, N, D) q and k (block means through Triton)."""
+    qbar, _ = block_means(q, block_q)
+    kbar, log_count = block_means(k, block_k)
+    b, h, m_q, d = qbar.shape
+    scores = torch.baddbmm(
+        log_count.expand(b * h, m_q, -1),
+        qbar.view(b * h, m_q, d),
+        kbar.view(b * h, -1, d).transpose(1, 2),
+        alpha=scale,
+    )
+    return scores.view(b, h, m_q, -1)
 
 
 def topk_layout(
@@ -35,6 +40,6 @@ def topk_layout(
     """Keep the ceil(keep * Mk) highest-scoring key blocks of every query block."""
     m_k = logits.shape[-1]
     budget = min(m_k, max(1, math.ceil(keep * m_k - 1e-9)))
-    idx = logits.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+    idx = logits.topk(budget, dim=-1, sorted=False).indices
     counts = torch.full(logits.shape[:3], budget, dtype=torch.int32, device=logits.device)
     return BlockLayout(idx.to(torch.int32), counts, n_q, n_k, block_q, block_k, check=False)
