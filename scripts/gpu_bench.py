@@ -31,3 +31,17 @@ for shape in args.shapes.split(";"):
     data[shape] = [r.as_dict() for r in rows]
 Path(args.out, "bench.md").write_text("\n".join(report))
 Path(args.out, "bench.json").write_text(json.dumps({"device": device, "rows": data}, indent=1))
+
+# registers and spills of every compiled variant of the fused kernel (for the closing note)
+from tailattn.kernels.attention import _block_sparse_fwd  # noqa: E402
+
+lines = []
+for caches in _block_sparse_fwd.device_caches.values():
+    for kernel in caches[0].values():
+        meta = kernel.metadata
+        lines.append(
+            f"regs={kernel.n_regs} spills={kernel.n_spills} warps={meta.num_warps} "
+            f"stages={meta.num_stages} shared={meta.shared} name={meta.name}"
+        )
+Path(args.out, "kernels.txt").write_text("\n".join(lines))
+print("\n".join(lines[:40]))

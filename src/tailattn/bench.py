@@ -131,6 +131,7 @@ def run(
             ms = time_ms(
                 lambda layout=layout, tail=tail: block_sparse_attention(q, k, v, layout, tail)
             )
+            say(f"  kernel config: {tuned_config()}")
             add(
                 BenchRow(
                     "tailattn", keep, tail, ms, flops / ms / 1e9, density, cudnn / ms, flex_ms / ms

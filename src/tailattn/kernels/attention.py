@@ -62,7 +62,7 @@ def _softmax_step(
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse, KvIdx, KvCnt,
+    Q, K, V, KDesc, VDesc, Out, Lse, KvIdx, KvCnt,
     KSum, VSum, KTot, VTot, KBar, VBar, LogCnt, KeptMask,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     sib, sih, sim, scb, sch,
@@ -71,7 +71,7 @@ def _block_sparse_fwd(
     H, N_Q, N_K, M_K, scale_log2,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, TAIL: tl.constexpr, BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, HAS_DESC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -108,19 +108,27 @@ def _block_sparse_fwd(
         for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
             start = kb * BLOCK_K + sub
             cols = start + offs_n
-            k = tl.load(
-                k_base + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
-                mask=cols[None, :] < N_K,
-                other=0.0,
-            )
-            s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            if USE_TMA:
+                # bulk tensor copies; rows past N come back as zeros and are masked below
+                k = KDesc.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(BLOCK_N, HEAD_D)
+                s = _dot(q, k.T, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            else:
+                k = tl.load(
+                    k_base + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
+                    mask=cols[None, :] < N_K,
+                    other=0.0,
+                )
+                s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
             if start + BLOCK_N > N_K:  # only the ragged last block pays for the mask
                 s = tl.where(cols[None, :] < N_K, s, float("-inf"))
-            v = tl.load(
-                v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
-                mask=cols[:, None] < N_K,
-                other=0.0,
-            )
+            if USE_TMA:
+                v = VDesc.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(BLOCK_N, HEAD_DV)
+            else:
+                v = tl.load(
+                    v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
+                    mask=cols[:, None] < N_K,
+                    other=0.0,
+                )
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, scale_log2, v, PRECISION, UPCAST)
         if TAIL == TAIL_UTA:
             k_kept += tl.load(KSum + b * s_ksb + h * s_ksh + kb * s_ksm + offs_d)
@@ -177,8 +185,8 @@ def _block_sparse_fwd(
 def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w in ((128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))
-        for s in (2, 3, 4)
+        for bm, bn, w in ((128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 64, 4))
+        for s in (2, 3)
     ]
 
 
@@ -193,6 +201,24 @@ _block_sparse_fwd_tuned = triton.autotune(
     key=["HEAD_D", "HEAD_DV", "TAIL", "BLOCK_Q", "BLOCK_K", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_sparse_fwd)
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, config: dict | None) -> tuple:
+    """4-D TMA descriptors over (B, H, N, D) views on Hopper and newer; the tensors otherwise."""
+    if interpreting() or k.device.type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        return k, v
+    if config is not None and not config.get("USE_TMA", False):
+        return k, v
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bn = (config or {}).get("BLOCK_N", 64)
+        return tuple(
+            TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, bn, x.shape[-1]])
+            for x in (k, v)
+        )
+    except (ImportError, AssertionError):  # strides or alignment a descriptor cannot take
+        return k, v
 
 
 def interpreting() -> bool:
@@ -226,7 +252,9 @@ def launch(
     ktot, vtot = tail_tensors.get("ktot", dummy[0]), tail_tensors.get("vtot", dummy[0])
     logcnt = tail_tensors.get("logcnt", dummy.view(-1))
     kept = tail_tensors.get("kept", dummy.to(torch.int8))
-    tensors = (q, k, v, out, lse, kv_indices, kv_counts, ksum, vsum, ktot, vtot, kbar, vbar)
+    k_desc, v_desc = _descriptors(k, v, config)
+    tensors = (q, k, v, k_desc, v_desc, out, lse, kv_indices, kv_counts)
+    tensors = (*tensors, ksum, vsum, ktot, vtot, kbar, vbar)
     strides = [
         *(x.stride()[:3] for x in (q, k, v, out, kv_indices)),
         kv_counts.stride()[:2],
@@ -246,12 +274,13 @@ def launch(
         BLOCK_P=64,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        HAS_DESC=k_desc is not k,
     )
     if interpreting():
-        config = {"BLOCK_M": min(64, block_q), "BLOCK_N": min(64, block_k)}
+        config = {"BLOCK_M": min(64, block_q), "BLOCK_N": min(64, block_k), "USE_TMA": False}
     if config is not None:
         grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
-        _block_sparse_fwd[grid](*args, **meta, **config)
+        _block_sparse_fwd[grid](*args, **meta, **{"USE_TMA": False, **config})
     else:
         _block_sparse_fwd_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)](*args, **meta)
     return lse
