@@ -182,17 +182,36 @@ def _block_sparse_fwd(
     tl.store(Lse + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: the TMA descriptors' block shape follows the config's BLOCK_N."""
+    if nargs["HAS_DESC"]:
+        nargs["KDesc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_D"]]
+        nargs["VDesc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DV"]]
+
+
 def _configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=_set_descriptor_blocks,
+        )
         for bm, bn, w in ((128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 64, 4))
         for s in (2, 3)
+        for tma in (False, True)
     ]
 
 
 def _prune(configs, named_args, **kwargs):
     block_q, block_k = kwargs["BLOCK_Q"], kwargs["BLOCK_K"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_q and c.kwargs["BLOCK_N"] <= block_k]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= block_q
+        and c.kwargs["BLOCK_N"] <= block_k
+        and (kwargs["HAS_DESC"] or not c.kwargs["USE_TMA"])
+    ]
     return kept or configs[:1]
 
 
@@ -204,10 +223,16 @@ _block_sparse_fwd_tuned = triton.autotune(
 
 
 def _descriptors(k: torch.Tensor, v: torch.Tensor, config: dict | None) -> tuple:
-    """4-D TMA descriptors over (B, H, N, D) views on Hopper and newer; the tensors otherwise."""
-    if interpreting() or k.device.type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
-        return k, v
-    if config is not None and not config.get("USE_TMA", False):
+    """4-D TMA descriptors over the (B, H, N, D) views, or the tensors themselves.
+
+    With a fixed ``config`` its ``USE_TMA`` decides (the interpreter runs both paths); when
+    autotuning, descriptors are offered on Hopper and newer.
+    """
+    if config is not None:
+        wanted = bool(config.get("USE_TMA", False))
+    else:
+        wanted = k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] >= 9
+    if not wanted:
         return k, v
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -241,8 +266,8 @@ def launch(
 ) -> torch.Tensor:
     """Run the kernel on prepared (B, H, N, D) views; returns lse (B, H, Nq) float32.
 
-    ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) skips autotuning; the
-    interpreter always uses a fixed small config.
+    ``config`` (``BLOCK_M``, ``BLOCK_N``, optional ``USE_TMA``, ``num_warps``, ``num_stages``)
+    skips autotuning; the interpreter defaults to 64 x 64 tiles with pointer loads.
     """
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
@@ -252,6 +277,8 @@ def launch(
     ktot, vtot = tail_tensors.get("ktot", dummy[0]), tail_tensors.get("vtot", dummy[0])
     logcnt = tail_tensors.get("logcnt", dummy.view(-1))
     kept = tail_tensors.get("kept", dummy.to(torch.int8))
+    if interpreting() and config is None:
+        config = {"BLOCK_M": min(64, block_q), "BLOCK_N": min(64, block_k)}
     k_desc, v_desc = _descriptors(k, v, config)
     tensors = (q, k, v, k_desc, v_desc, out, lse, kv_indices, kv_counts)
     tensors = (*tensors, ksum, vsum, ktot, vtot, kbar, vbar)
@@ -276,11 +303,9 @@ def launch(
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         HAS_DESC=k_desc is not k,
     )
-    if interpreting():
-        config = {"BLOCK_M": min(64, block_q), "BLOCK_N": min(64, block_k), "USE_TMA": False}
     if config is not None:
         grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
-        _block_sparse_fwd[grid](*args, **meta, **{"USE_TMA": False, **config})
+        _block_sparse_fwd[grid](*args, **meta, **{**config, "USE_TMA": k_desc is not k})
     else:
         _block_sparse_fwd_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)](*args, **meta)
     return lse
