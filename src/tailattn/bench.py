@@ -158,8 +158,9 @@ def to_markdown(rows: Sequence[BenchRow], title: str) -> str:
     for r in rows:
         tflops = f"{r.tflops:.0f}" if r.tflops else "-"
         flex = f"{r.vs_flex:.2f}" if r.vs_flex is not None else "-"
+        cudnn = f"{r.vs_cudnn:.2f}" if r.tflops else "-"
         lines.append(
             f"| {r.name} | {r.keep:g} | {r.tail} | {r.density:.3f} | {r.ms:.3f} | {tflops} | "
-            f"{r.vs_cudnn:.2f} | {flex} |"
+            f"{cudnn} | {flex} |"
         )
     return "\n".join(lines) + "\n"
