@@ -122,7 +122,11 @@ class SVG2:
         if self.keep is not None:
             check_fraction(self.keep, "keep")
         check_fraction(self.top_p, "top_p")
-        check_fraction(self.min_kc_ratio, "min_kc_ratio")
+        ratio = self.min_kc_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"min_kc_ratio must be a number in [0, 1], got {ratio!r}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"min_kc_ratio must be in [0, 1], got {ratio}")
         for name in ("q_clusters", "k_clusters"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name, integer=True)
