@@ -11,6 +11,7 @@ from tailattn.reorder import (
     cluster_sums,
     kmeans,
     permute_tokens,
+    prefix_cluster_sums,
     unpermute_tokens,
 )
 
@@ -53,11 +54,11 @@ def test_assignment_and_sums_against_brute_force():
     labels = assign_clusters(x, centroids, chunk_bytes=1000)
     dist = ((x.unsqueeze(3) - centroids.unsqueeze(2)) ** 2).sum(-1)
     assert torch.equal(labels, dist.argmin(-1))
-    sums, sizes = cluster_sums(x, labels, 7)
-    for c in range(7):
-        members = labels[0, 1] == c
-        assert int(sizes[0, 1, c]) == int(members.sum())
-        assert (sums[0, 1, c] - x[0, 1, members].sum(0)).abs().max() < 1e-12
+    for sums, sizes in (cluster_sums(x, labels, 7), prefix_cluster_sums(x, labels, 7)):
+        for c in range(7):
+            members = labels[0, 1] == c
+            assert int(sizes[0, 1, c]) == int(members.sum())
+            assert (sums[0, 1, c] - x[0, 1, members].sum(0)).abs().max() < 1e-12
 
 
 def test_kmeans_is_deterministic_with_a_seed():

@@ -9,9 +9,10 @@ k-means (Lloyd's algorithm), batched over (batch, head), in PyTorch on any devic
     labels_i = argmin_c ||x_i - mu_c||^2 = argmin_c (||mu_c||^2 - 2 x_i . mu_c)
     mu_c     = mean of the x_i with labels_i = c        (an empty cluster keeps its centroid)
 
-Cluster sums are taken by sorting the tokens by label and differencing a float64 prefix sum,
-so the result is bitwise reproducible on every device (no atomics). Initial centroids are
-distinct tokens drawn with a seeded CPU generator, the same on every device.
+Cluster sums never use floating-point atomics, so a run is bitwise reproducible on its device:
+on CPU a sequential ``index_add_``, elsewhere a stable sort by label and the difference of a
+float64 prefix sum at each cluster's end and start. Initial centroids are distinct tokens drawn
+with a seeded CPU generator, the same on every device.
 """
 
 from __future__ import annotations
@@ -78,31 +79,51 @@ def assign_clusters(
 
     Ties go to the lowest cluster id. Streams over token chunks: memory O(chunk * C).
     """
-    b, h, n, _ = x.shape
+    b, h, n, d = x.shape
     c = centroids.shape[2]
-    x = x.to(centroids.dtype)
-    norms = (centroids * centroids).sum(-1).unsqueeze(2)  # (B, H, 1, C)
+    flat_x = x.to(centroids.dtype).reshape(b * h, n, d)
+    flat_c = centroids.reshape(b * h, c, d)
+    norms = (flat_c * flat_c).sum(-1).unsqueeze(1)  # (B*H, 1, C)
     per_row = b * h * c * torch.finfo(centroids.dtype).bits // 8
     step = max(1, chunk_bytes // per_row)
-    labels = torch.empty(b, h, n, dtype=torch.int64, device=x.device)
+    labels = torch.empty(b * h, n, dtype=torch.int64, device=x.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        dist = norms - 2 * torch.matmul(x[:, :, rows], centroids.transpose(-1, -2))
-        labels[:, :, rows] = dist.argmin(dim=-1)
-    return labels
+        dist = torch.baddbmm(norms, flat_x[:, rows], flat_c.mT, alpha=-2.0)
+        labels[:, rows] = dist.argmin(dim=-1)
+    return labels.view(b, h, n)
+
+
+def cluster_sizes(labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Members of every cluster, (B, H, N) labels -> (B, H, C) int64 (integer adds: exact)."""
+    sizes = labels.new_zeros(*labels.shape[:2], n_clusters)
+    return sizes.scatter_add_(-1, labels, torch.ones_like(labels))
 
 
 def cluster_sums(
     x: torch.Tensor, labels: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums (B, H, C, D) float64 and sizes (B, H, C) int64, deterministically.
+    """Per-cluster sums (B, H, C, D) in x's dtype and sizes (B, H, C) int64, deterministically.
 
-    Tokens are sorted by label; the sum of cluster c is the difference of a float64 prefix sum
-    at the cluster's end and start.
+    CPU: a sequential ``index_add_`` (deterministic there); other devices:
+    :func:`prefix_cluster_sums` (no atomics).
     """
+    if x.device.type != "cpu":
+        return prefix_cluster_sums(x, labels, n_clusters)
+    b, h, n, d = x.shape
+    offsets = torch.arange(b * h, device=x.device).view(b, h, 1) * n_clusters
+    sums = x.new_zeros(b * h * n_clusters, d)
+    sums.index_add_(0, (labels + offsets).flatten(), x.reshape(b * h * n, d))
+    return sums.view(b, h, n_clusters, d), cluster_sizes(labels, n_clusters)
+
+
+def prefix_cluster_sums(
+    x: torch.Tensor, labels: torch.Tensor, n_clusters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cluster_sums` by sorting: the difference of a float64 prefix sum over the tokens
+    sorted by label, at each cluster's end and start (same result on every run and device)."""
     b, h, _, d = x.shape
-    sizes = torch.zeros(b, h, n_clusters, dtype=torch.int64, device=x.device)
-    sizes.scatter_add_(-1, labels, torch.ones_like(labels))
+    sizes = cluster_sizes(labels, n_clusters)
     ordered = permute_tokens(x, cluster_permutation(labels)).to(torch.float64)
     prefix = torch.cat([ordered.new_zeros(b, h, 1, d), ordered.cumsum(dim=2)], dim=2)
     ends = sizes.cumsum(dim=-1)
@@ -111,7 +132,7 @@ def cluster_sums(
     def at(pos: torch.Tensor) -> torch.Tensor:
         return prefix.gather(2, pos.unsqueeze(-1).expand(b, h, n_clusters, d))
 
-    return at(ends) - at(starts), sizes
+    return (at(ends) - at(starts)).to(x.dtype), sizes
 
 
 def initial_centroids(x: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
@@ -163,9 +184,7 @@ def kmeans(
     for _ in range(iterations):
         labels = assign_clusters(x_acc, centroids)
         sums, sizes = cluster_sums(x_acc, labels, n_clusters)
-        means = (sums / sizes.clamp_min(1).unsqueeze(-1)).to(acc)
+        means = sums / sizes.clamp_min(1).unsqueeze(-1).to(acc)
         centroids = torch.where((sizes > 0).unsqueeze(-1), means, centroids)
     labels = assign_clusters(x_acc, centroids)
-    sizes = torch.zeros(b, h, n_clusters, dtype=torch.int64, device=x.device)
-    sizes.scatter_add_(-1, labels, torch.ones_like(labels))
-    return KMeansResult(centroids, labels, sizes)
+    return KMeansResult(centroids, labels, cluster_sizes(labels, n_clusters))

@@ -20,10 +20,13 @@ t_q and a key in frame t_k at distance d = |t_q - t_k|, band g = bit_length(d) (
 Each band doubles in length while its window halves, so a query keeps O(P log T) keys: O(n log n)
 in total. ``window``: keep the key when |t_q - t_k| <= t, |h_q - h_k| <= h and |w_q - w_k| <= w.
 
-Budget: with ``keep`` given, the method's own knob is fitted instead of taken from the fields:
-the largest mask (radial: over decay = 2^(j/4); window: over radii proportional to the grid)
-whose density is at most ``keep``; when even the sparsest exceeds it (radial always keeps the
-query's own frame and the sink), the sparsest. The measured density is ``layout.density()``.
+Budget: with ``keep`` given, the method's own knob is fitted instead of taken from the fields,
+by bisection: radial over decay = 2^(j/4) (2^-12 up to dense), window over radii proportional
+to the grid (j/64 of each extent). The result has density at most ``keep`` (the densest such
+for window, whose masks are nested; radial's temporal thinning is not nested, so its density is
+only nearly monotone in decay); when even the sparsest candidate exceeds ``keep`` (radial always
+keeps the query's own frame and the sink), that one. The measured density is
+``layout.density()``.
 Grid-based selections need ``grid=(T, H, W)`` with T * H * W = N and self-attention (Nq = Nk);
 text tokens are not supported yet.
 """
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,11 +100,21 @@ def gap(q_lo: torch.Tensor, q_hi: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.
     return (k_lo - q_hi).clamp_min(0) + (q_lo - k_hi).clamp_min(0)
 
 
-def radial_radius(distance: torch.Tensor, frame: int, decay: float) -> torch.Tensor:
-    """r(d): P for d = 0, decay * P / 2^(bit_length(d) - 1) otherwise (float64)."""
-    band = torch.frexp(distance.double()).exponent  # bit_length(d) for integer d >= 0
-    radius = decay * frame / torch.exp2((band - 1).double())
-    return torch.where(distance == 0, torch.full_like(radius, float(frame)), radius)
+def radial_limits(frames: int, frame: int, block_k: int, decay: float) -> torch.Tensor:
+    """Largest kept |s_q - s_k| per frame distance d = 0..frames-1 (-1: band thinned out).
+
+    ``r(d)`` when r(d) >= block_k; otherwise ``block_k`` on every ceil(block_k / r(d))-th
+    frame distance and -1 elsewhere (float64, (frames,)).
+    """
+    limits = []
+    for d in range(frames):
+        radius = frame if d == 0 else decay * frame / 2 ** (d.bit_length() - 1)
+        if radius >= block_k:
+            limits.append(radius)
+        else:
+            stride = math.ceil(block_k / radius) if radius > block_k / frames else frames
+            limits.append(float(block_k) if d % stride == 0 else -1.0)
+    return torch.tensor(limits, dtype=torch.float64)
 
 
 def density_of(mask: torch.Tensor, n: int, block_q: int, block_k: int) -> float:
@@ -111,17 +124,28 @@ def density_of(mask: torch.Tensor, n: int, block_q: int, block_k: int) -> float:
 
 
 def fit_to_keep(
-    keep: float, masks: Iterable[torch.Tensor], n: int, block_q: int, block_k: int
+    keep: float,
+    build: Callable[[int], torch.Tensor],
+    steps: int,
+    n: int,
+    block_q: int,
+    block_k: int,
 ) -> torch.Tensor:
-    """The densest candidate of density <= keep; the sparsest when none is (first wins ties)."""
-    best, best_density, sparsest, low = None, -1.0, None, math.inf
-    for mask in masks:
-        density = density_of(mask, n, block_q, block_k)
-        if density <= keep + 1e-12 and density > best_density:
-            best, best_density = mask, density
-        if density < low:
-            sparsest, low = mask, density
-    return best if best is not None else sparsest
+    """Bisection over masks ``build(0..steps)`` of (nearly) non-decreasing density.
+
+    Returns a mask of density <= keep, the last such one the bisection meets (the densest when
+    the densities are monotone), or ``build(0)`` when even that one is denser than keep.
+    """
+    lo, hi = 0, steps
+    if density_of(build(hi), n, block_q, block_k) <= keep + 1e-12:
+        return build(hi)
+    while hi - lo > 1:  # invariant: build(hi) is denser than keep
+        mid = (lo + hi) // 2
+        if density_of(build(mid), n, block_q, block_k) <= keep + 1e-12:
+            lo = mid
+        else:
+            hi = mid
+    return build(lo)
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,15 +154,10 @@ def _radial_mask(
 ) -> torch.Tensor:
     t, h, w = grid
     frame = h * w
+    limit = radial_limits(t, frame, block_k, decay)
 
     def rule(tq, q_lo, q_hi, tk, k_lo, k_hi):
-        distance = (tq - tk).abs()
-        radius = radial_radius(distance, frame, decay)
-        near = gap(q_lo, q_hi, k_lo, k_hi)
-        wide = (radius >= block_k) & (near <= radius)
-        stride = torch.ceil(block_k / radius.clamp_min(1e-300)).clamp_max(t + 1).long()
-        thin = (radius < block_k) & (distance % stride == 0) & (near <= block_k)
-        kept = wide | thin
+        kept = gap(q_lo, q_hi, k_lo, k_hi) <= limit[(tq - tk).abs()]
         return kept | (tk == 0) if sink else kept
 
     return runs_block_mask(t * h * w, block_q, block_k, frame, rule)
@@ -148,11 +167,12 @@ def _radial_mask(
 def _radial_fit(
     grid: tuple[int, int, int], block_q: int, block_k: int, keep: float, sink: bool
 ) -> torch.Tensor:
-    n = math.prod(grid)
-    top = 4 * (max(grid[0], 2).bit_length() + 2)
-    decays = (2.0 ** (j / 4) for j in range(-48, top + 1))
-    masks = (_radial_mask(grid, block_q, block_k, d, sink) for d in decays)
-    return fit_to_keep(keep, masks, n, block_q, block_k)
+    steps = 48 + 4 * (max(grid[0], 2).bit_length() + 2)  # decay 2^-12 .. above dense
+
+    def build(j: int) -> torch.Tensor:
+        return _radial_mask(grid, block_q, block_k, 2.0 ** ((j - 48) / 4), sink)
+
+    return fit_to_keep(keep, build, steps, math.prod(grid), block_q, block_k)
 
 
 def radial_block_mask(
@@ -190,9 +210,12 @@ def _window_fit(
     grid: tuple[int, int, int], block_q: int, block_k: int, keep: float
 ) -> torch.Tensor:
     steps = 64
-    radii = (tuple(round(j / steps * (g - 1)) for g in grid) for j in range(steps + 1))
-    masks = (_window_mask(grid, block_q, block_k, r) for r in radii)
-    return fit_to_keep(keep, masks, math.prod(grid), block_q, block_k)
+
+    def build(j: int) -> torch.Tensor:
+        radii = tuple(round(j / steps * (g - 1)) for g in grid)
+        return _window_mask(grid, block_q, block_k, radii)
+
+    return fit_to_keep(keep, build, steps, math.prod(grid), block_q, block_k)
 
 
 def window_block_mask(
