@@ -246,3 +246,16 @@ def test_bad_inputs():
         block_attention(q[:, :, :31], k, v, layout, BlockUTA(), 0.3)
     with pytest.raises(ValueError, match="layout is for 32 queries and 32 keys"):
         block_attention(q, k[:, :, :20], v[:, :, :20], layout, BlockUTA(), 0.3)
+
+
+def test_layouts_with_bad_block_ids_never_reach_the_executor():
+    with pytest.raises(ValueError, match="empty query block"):
+        mask = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+        mask[0, 0, 1] = False
+        BlockLayout.from_dense(mask, 32, 48, 16, 16)
+    counts = torch.ones(1, 1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key-block ids outside \[0, 3\)"):
+        BlockLayout(torch.tensor([[[[0], [3]]]], dtype=torch.int32), counts, 32, 48, 16, 16)
+    with pytest.raises(ValueError, match="same key block twice"):
+        twice = torch.tensor([[[[1, 1], [0, 2]]]], dtype=torch.int32)
+        BlockLayout(twice, 2 * counts, 32, 48, 16, 16)

@@ -95,7 +95,9 @@ def runs_block_mask(
     return mask > 0
 
 
-def gap(q_lo: torch.Tensor, q_hi: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor):
+def gap(
+    q_lo: torch.Tensor, q_hi: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor
+) -> torch.Tensor:
     """Smallest |a - b| over a in [q_lo, q_hi], b in [k_lo, k_hi]."""
     return (k_lo - q_hi).clamp_min(0) + (q_lo - k_hi).clamp_min(0)
 
