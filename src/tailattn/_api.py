@@ -8,7 +8,14 @@ import torch
 
 from ._checks import check_grid, check_layout, check_qkv, check_scale
 from .methods import Method, registry
-from .reference import full_attention, oracle_attention
+from .reference import block_attention, full_attention, oracle_attention
+
+
+def _add_stats(info: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
+    """Per-query stats (B, H, Nq) into the info dict: overall means and per-head means."""
+    for name, value in stats.items():
+        info[name] = float(value.mean())
+        info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
 
 
 def attention(
@@ -22,6 +29,7 @@ def attention(
     layout: str = "bhnd",
     scale: float | None = None,
     return_info: bool = False,
+    state: Any = None,
     **params: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     """Sparse attention: the selected keys exactly, the dropped tail through a tail estimator.
@@ -35,14 +43,19 @@ def attention(
         v: (B, H, Nk, Dv), same layout.
         method: spec string ``SELECTION[(k=v,...)][+TAIL[(k=v,...)]]`` such as ``"topk+uta"``,
             ``"topp(p=0.9)+bins8"``, or a :class:`~tailattn.methods.Method`.
-        keep: keep ratio in (0, 1] for budgeted selections (fraction of keys kept per query).
-        grid: latent video grid (T, H, W) with T * H * W = Nk, for grid-based methods; checked
-            when given.
+        keep: keep ratio in (0, 1] for budgeted selections (fraction of keys kept per query, or
+            of key blocks per query block for block selections).
+        grid: latent video grid (T, H, W) with T * H * W = Nk, for grid-based methods (``radial``,
+            ``window``); checked when given.
         layout: ``"bhnd"`` or ``"bnhd"``.
         scale: logit scale s, default 1/sqrt(D).
         return_info: also return a dict with ``method`` (canonical spec), ``density`` (measured
-            kept fraction), ``lse`` (B, H, Nq), and for oracle methods the mean and per-head
-            ``recall``, ``budget``, ``tail_mass_error`` and ``implied_tv``.
+            kept fraction), ``lse`` (B, H, Nq), and for oracle and block methods the mean and
+            per-head ``recall``, ``budget``, ``tail_mass_error`` and ``implied_tv``; block methods
+            add ``layout``, the :class:`~tailattn.layout.BlockLayout` they ran.
+        state: per-layer state for selections that keep some across calls (an
+            :class:`~tailattn.select.SVG2State` for ``svg2``: k-means centroids to warm-start
+            from); selections without state ignore it.
         **params: method parameters by name (e.g. ``p=0.9``), as an alternative to writing
             them in the spec; giving one both ways with different values is an error.
 
@@ -65,11 +78,16 @@ def attention(
             q4, k4, v4, bound.selection, bound.tail, s, with_stats=return_info
         )
         out = out.to(q4.dtype)
-        for name, value in stats.items():
-            info[name] = float(value.mean())
-            info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
+        _add_stats(info, stats)
     else:
-        raise ValueError(f"no executor for {bound.granularity} selections yet")
+        block_layout = bound.selection(q4, k4, scale=s, grid=grid, state=state)
+        out, lse, stats = block_attention(
+            q4, k4, v4, block_layout, bound.tail, s, with_stats=return_info
+        )
+        out = out.to(q4.dtype)
+        _add_stats(info, stats)
+        info["density"] = block_layout.density()
+        info["layout"] = block_layout
     info["lse"] = lse
     if layout == "bnhd":
         out = out.transpose(1, 2)

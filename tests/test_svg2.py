@@ -1,0 +1,127 @@
+"""SVG2: clusters, permutation, cluster-pair selection mapped onto blocks, warm start."""
+
+import math
+
+import pytest
+import torch
+
+import tailattn
+from tailattn.reorder import kmeans
+from tailattn.select import SVG2, SVG2State
+from tailattn.select.svg2 import cluster_pair_mass, default_clusters
+
+
+def test_default_cluster_counts_scale_with_n():
+    assert default_clusters(75_600, 300) == 300 and default_clusters(75_600, 1000) == 1000
+    assert default_clusters(32_760, 300) == 130 and default_clusters(32_760, 1000) == 434
+    assert default_clusters(1000, 300) == 8 and default_clusters(5, 1000) == 5
+    assert SVG2(q_clusters=50).clusters(20, 4000) == (20, 53)
+
+
+def test_permutation_makes_clusters_contiguous(skewed):
+    q, k, _ = skewed(seed=1, n=200)
+    sel = SVG2(keep=0.3, q_clusters=6, k_clusters=10, iterations=5, block_q=32, block_k=32)
+    layout = sel(q, k, scale=0.2)
+    q_km, k_km = sel.cluster(q, k)
+    for perm, km in ((layout.q_perm, q_km), (layout.kv_perm, k_km)):
+        ordered = km.labels.gather(-1, perm)
+        assert bool((ordered[..., 1:] >= ordered[..., :-1]).all())
+        assert torch.equal(perm.sort(-1).values, torch.arange(200).expand(1, 2, 200))
+
+
+def test_budget_mode_keeps_ceil_keep_blocks_by_projected_mass(skewed):
+    q, k, _ = skewed(seed=2, n=160)
+    sel = SVG2(keep=0.3, q_clusters=5, k_clusters=12, iterations=5, block_q=16, block_k=16)
+    layout = sel(q, k, scale=0.25)
+    assert bool((layout.kv_counts == math.ceil(0.3 * 10)).all())
+    q_km, k_km = sel.cluster(q, k)
+    mass = cluster_pair_mass(q_km, k_km, 0.25)
+    kept = layout.to_dense()
+    for h in range(2):
+        # S_mj = mean over the block's queries of sum_b P(a_i, b) * (keys of b in j) / |b|
+        q_lab = q_km.labels[0, h, layout.q_perm[0, h]]
+        k_lab = k_km.labels[0, h, layout.kv_perm[0, h]]
+        per_key = mass[0, h][:, k_lab] / k_km.sizes[0, h, k_lab]  # (Cq, Nk)
+        per_block = torch.stack([per_key[:, j : j + 16].sum(1) for j in range(0, 160, 16)], 1)
+        score = torch.stack([per_block[q_lab[i : i + 16]].mean(0) for i in range(0, 160, 16)])
+        low = score.masked_fill(~kept[0, h], math.inf).amin(-1)
+        high = score.masked_fill(kept[0, h], -math.inf).amax(-1)
+        assert bool((low >= high - 1e-12).all())
+
+
+def test_top_p_mode_covers_every_selected_cluster_pair(skewed):
+    q, k, _ = skewed(seed=3, n=120)
+    sel = SVG2(
+        top_p=0.6, min_kc_ratio=0.2, q_clusters=4, k_clusters=10, iterations=5, block_q=8, block_k=8
+    )
+    layout = sel(q, k, scale=0.3)
+    q_km, k_km = sel.cluster(q, k)
+    mass = cluster_pair_mass(q_km, k_km, 0.3)
+    tokens = layout.token_mask()
+    for h in range(2):
+        selected = torch.zeros(4, 10, dtype=torch.bool)
+        for a in range(4):
+            probs, order = mass[0, h, a].sort(descending=True)
+            count = max(2, int((probs.cumsum(0) - probs < 0.6).sum()))  # min 0.2 * 10 clusters
+            selected[a, order[:count]] = True
+        q_lab = q_km.labels[0, h, layout.q_perm[0, h]]
+        k_lab = k_km.labels[0, h, layout.kv_perm[0, h]]
+        needed = selected[q_lab][:, k_lab]  # token pairs of selected cluster pairs
+        assert bool(tokens[0, h][needed].all())
+        # and nothing else: a kept block holds at least one needed token pair
+        for m, j in layout.to_dense()[0, h].nonzero().tolist():
+            assert bool(needed[8 * m : 8 * m + 8, 8 * j : 8 * j + 8].any())
+
+
+def test_warm_start_through_state(skewed):
+    q, k, v = skewed(seed=4, n=128)
+    sel = SVG2(keep=0.5, q_clusters=4, k_clusters=8, iterations=6, warm_iterations=2)
+    state = SVG2State()
+    first = sel(q, k, scale=0.2, state=state)
+    cold_q = kmeans(q, 4, 6, seed=0)
+    assert torch.equal(state.q_centroids, cold_q.centroids) and state.calls == 1
+    assert torch.equal(first.q_perm, torch.argsort(cold_q.labels, dim=-1, stable=True))
+    q2, k2 = q + 0.05 * torch.randn_like(q), k + 0.05 * torch.randn_like(k)
+    before_q, before_k = state.q_centroids, state.k_centroids
+    second = sel(q2, k2, scale=0.2, state=state)
+    warm_q = kmeans(q2, 4, 2, init=before_q)
+    warm_k = kmeans(k2, 8, 2, init=before_k)
+    assert torch.equal(state.q_centroids, warm_q.centroids)
+    assert torch.equal(state.k_centroids, warm_k.centroids) and state.calls == 2
+    assert torch.equal(second.kv_perm, torch.argsort(warm_k.labels, dim=-1, stable=True))
+    stateless = sel(q2, k2, scale=0.2)  # no state: a fresh 6-step clustering, nothing kept
+    assert torch.equal(
+        stateless.q_perm, torch.argsort(kmeans(q2, 4, 6).labels, dim=-1, stable=True)
+    )
+    out = tailattn.attention(q, k, v, "svg2+uta", keep=0.5, q_clusters=4, state=SVG2State())
+    assert torch.isfinite(out).all()
+
+
+def test_svg2_runs_at_a_keep_through_attention(skewed):
+    q, k, v = skewed(seed=5, n=256)
+    out, info = tailattn.attention(
+        q, k, v, "svg2(iterations=5)+uta", keep=0.25, block_q=64, block_k=64, return_info=True
+    )
+    assert info["density"] == pytest.approx(0.25)  # one of four key blocks, no ragged block
+    assert info["layout"].q_perm.shape == (1, 2, 256)
+    ref = tailattn.full_attention(q, k, v)
+    drop = tailattn.attention(q, k, v, "svg2(iterations=5)", keep=0.25, block_q=64, block_k=64)
+    assert tailattn.metrics.mse(out, ref) < tailattn.metrics.mse(drop, ref)
+
+
+def test_bad_state_and_parameters(skewed):
+    q, k, _ = skewed(seed=6, n=64)
+    sel = SVG2(keep=0.5, q_clusters=4, k_clusters=4, iterations=2)
+    with pytest.raises(TypeError, match="state must be an SVG2State or None"):
+        sel(q, k, scale=0.2, state={"centroids": None})
+    state = SVG2State(q_centroids=torch.zeros(1, 2, 3, 32))
+    with pytest.raises(ValueError, match=r"state.q_centroids has shape \(1, 2, 3, 32\)"):
+        sel(q, k, scale=0.2, state=state)
+    with pytest.raises(ValueError, match="min_kc_ratio must be in"):
+        SVG2(min_kc_ratio=1.5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SVG2(top_p=0)
+    with pytest.raises(ValueError, match="q_clusters must be positive"):
+        SVG2(q_clusters=0)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        SVG2(seed=1.5)
