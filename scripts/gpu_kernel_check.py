@@ -12,8 +12,8 @@ import torch
 
 from tailattn.bench import parse_shape
 from tailattn.kernels import block_sparse_attention, block_sums
-from tailattn.kernels.scoring import pooled_logits, topk_layout
 from tailattn.layout import block_sizes
+from tailattn.methods import registry
 from tailattn.reference import merge_tokens
 
 
@@ -61,7 +61,7 @@ def main() -> None:
             q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             if layout_name == "bnhd":
                 q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            layout = topk_layout(pooled_logits(q, k, 128, 128, d**-0.5), args.keep, n, n, 128, 128)
+            layout = registry.bind("block-topk", keep=args.keep).selection(q, k, scale=d**-0.5)
             rows = torch.cat(
                 [torch.randint(0, n, (96,), device="cuda"), torch.arange(n - 32, n, device="cuda")]
             )

@@ -162,22 +162,44 @@ def test_block_means_and_log_counts():
     assert torch.allclose(log_count.double().cpu(), torch.log(sizes))
 
 
-def test_pooled_logits_and_topk_layout():
-    from tailattn.kernels.scoring import pooled_logits, topk_layout
+def test_triton_block_means_match_torch_pooling():
+    from tailattn.kernels.pooling import block_means
+    from tailattn.select.blocks import pool_blocks
 
-    gen = torch.Generator().manual_seed(2)
-    q, k = (torch.randn(1, 2, 300, 32, generator=gen).to(DEVICE) for _ in range(2))
-    scores = pooled_logits(q, k, 64, 64, 0.2)
-    sizes = block_sizes(300, 64).double()
-    qbar = torch.stack([q[:, :, i : i + 64].double().mean(2) for i in range(0, 300, 64)], 2)
-    kbar = torch.stack([k[:, :, i : i + 64].double().mean(2) for i in range(0, 300, 64)], 2)
-    ref = 0.2 * qbar.cpu() @ kbar.cpu().transpose(-1, -2) + torch.log(sizes)
-    assert float((scores.double().cpu() - ref).abs().max()) < 1e-4
-    layout = topk_layout(scores, 0.4, 300, 300, 64, 64)
-    assert layout.kv_counts.unique().tolist() == [2]
-    chosen = ref.gather(-1, layout.kv_indices.long().cpu())
-    unchosen = ref.masked_fill(layout.to_dense().cpu(), -math.inf)
-    assert bool((chosen.amin(-1) >= unchosen.amax(-1)).all())
+    x = torch.randn(1, 2, 300, 32, generator=torch.Generator().manual_seed(2))
+    means, _ = block_means(x.to(DEVICE), 64)
+    assert float((means.cpu() - pool_blocks(x, 64)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("tail", ["drop", "uta", "blocks", "moment"])
+@pytest.mark.parametrize("method", ["block-topk", "window"])
+def test_attention_triton_backend_matches_reference(tail, method):
+    import tailattn
+
+    gen = torch.Generator().manual_seed(3)
+    grid = (3, 8, 12)
+    q, k, v = (torch.randn(1, 2, 288, 64, generator=gen).to(DEVICE) for _ in range(3))
+    kw = dict(keep=0.4, grid=grid, block_q=64, block_k=64)
+    ref = tailattn.attention(q, k, v, f"{method}+{tail}", backend="reference", **kw)
+    out, info = tailattn.attention(
+        q, k, v, f"{method}+{tail}", backend="triton", return_info=True, **kw
+    )
+    assert rel(out, ref.double().cpu()) < 1e-3
+    assert 0 < info["density"] < 1
+
+
+def test_triton_backend_refusals():
+    import tailattn
+
+    q = torch.randn(1, 1, 128, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="backend='triton' runs block methods"):
+        tailattn.attention(q, q, q, "topk+uta", keep=0.5, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tailattn.attention(q, q, q, "block-topk", keep=0.5, backend="cuda")
+    with pytest.raises(ValueError, match="block_q=32"):
+        tailattn.attention(
+            q, q, q, "block-topk", keep=0.5, block_q=32, block_k=32, backend="triton"
+        )
 
 
 @pytest.mark.parametrize("tail", ["drop", "uta", "blocks"])

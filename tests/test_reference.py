@@ -109,15 +109,18 @@ def test_merge_tokens_is_order_free():
     assert (total - torch.logsumexp(all_logits, 1)).abs().max() < 1e-12
 
 
-@pytest.mark.slow
 def test_full_attention_wan720p_length_fits_in_2gb():
-    """N = 75,600, H = 1: peak resident memory of the call stays under 2 GB above the inputs."""
+    """75,600 keys (Wan2.1-14B 720p, one head): the peak resident memory of the call stays under
+    2 GB above the inputs. Memory is set by the key length (one logits chunk of Cq x Nk at a
+    time), so 4,096 query rows show the bound; all 75,600 rows only take longer (measured in the
+    README)."""
     script = textwrap.dedent(
         """
         import resource, torch, tailattn
         torch.manual_seed(0)
         n = 75600
-        q, k, v = (torch.randn(1, 1, n, 64) for _ in range(3))
+        q = torch.randn(1, 1, 4096, 64)
+        k, v = (torch.randn(1, 1, n, 64) for _ in range(2))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = tailattn.full_attention(q, k, v)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -129,4 +132,6 @@ def test_full_attention_wan720p_length_fits_in_2gb():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True
     )
     extra = int(result.stdout.strip().splitlines()[-1])
-    assert extra < 2 * 2**30, f"{extra / 2**30:.2f} GB"  # dense N x N float32 logits: 22.9 GB
+    # the 2 GB bound of the issue, and tighter: an unstreamed 4,096 x 75,600 float32 logits
+    # matrix alone would take 1.2 GB, so staying under 1 GB shows the streaming
+    assert extra < 2**30, f"{extra / 2**30:.2f} GB"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from ._checks import check_grid, check_layout, check_qkv, check_scale
+from .layout import BlockLayout
 from .methods import Method, registry
 from .reference import block_attention, full_attention, oracle_attention
 
@@ -16,6 +18,32 @@ def _add_stats(info: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
     for name, value in stats.items():
         info[name] = float(value.mean())
         info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
+
+
+BACKENDS = (None, "reference", "triton")
+
+
+def _use_kernel(
+    backend: str | None, q: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
+) -> bool:
+    """Whether the block method runs on the Triton kernel (errors when it was asked for and
+    cannot run)."""
+    if backend == "reference":
+        return False
+    from importlib.util import find_spec
+
+    reason = None
+    if find_spec("triton") is None:
+        reason = "Triton is not installed"
+    elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"the inputs are on {q.device.type}, not CUDA"
+    else:
+        from .kernels import unsupported_reason
+
+        reason = unsupported_reason(q, v, layout, "drop" if tail == "moment" else tail)
+    if reason is not None and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run: {reason}")
+    return reason is None and (backend == "triton" or q.device.type == "cuda")
 
 
 def attention(
@@ -30,6 +58,7 @@ def attention(
     scale: float | None = None,
     return_info: bool = False,
     state: Any = None,
+    backend: str | None = None,
     **params: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     """Sparse attention: the selected keys exactly, the dropped tail through a tail estimator.
@@ -56,6 +85,12 @@ def attention(
         state: per-layer state for selections that keep some across calls (an
             :class:`~tailattn.select.SVG2State` for ``svg2``: k-means centroids to warm-start
             from); selections without state ignore it.
+        backend: for block methods, ``"triton"`` (the fused kernel: CUDA, or the Triton
+            interpreter), ``"reference"`` (PyTorch, any device), or ``None`` to use the kernel
+            whenever it can run these inputs (CUDA, Triton installed, block sizes 64/128, head
+            dims 16-128, float16/bfloat16/float32). With the kernel, ``return_info`` reports
+            ``density``, ``lse`` and ``layout`` but not the exact statistics, which need the
+            full logits (use ``backend="reference"`` for them).
         **params: method parameters by name (e.g. ``p=0.9``), as an alternative to writing
             them in the spec; giving one both ways with different values is an error.
 
@@ -63,7 +98,14 @@ def attention(
         The output in the input's layout and dtype, and the info dict with ``return_info``.
     """
     layout = check_layout(layout)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     bound = registry.bind(method, keep=keep, **params)
+    if backend == "triton" and bound.granularity != "block":
+        raise ValueError(
+            f"backend='triton' runs block methods; {bound.method.spec!r} is a "
+            f"{bound.granularity} method (use backend=None or 'reference')"
+        )
     q4, k4, v4 = check_qkv(q, k, v, layout)
     s = check_scale(scale, q4.shape[-1])
     if grid is not None:
@@ -81,11 +123,16 @@ def attention(
         _add_stats(info, stats)
     else:
         block_layout = bound.selection(q4, k4, scale=s, grid=grid, state=state)
-        out, lse, stats = block_attention(
-            q4, k4, v4, block_layout, bound.tail, s, with_stats=return_info
-        )
-        out = out.to(q4.dtype)
-        _add_stats(info, stats)
+        if _use_kernel(backend, q4, v4, block_layout, bound.method.tail):
+            from .kernels import tailed_block_attention
+
+            out, lse = tailed_block_attention(q4, k4, v4, block_layout, bound.method.tail, s)
+        else:
+            out, lse, stats = block_attention(
+                q4, k4, v4, block_layout, bound.tail, s, with_stats=return_info
+            )
+            out = out.to(q4.dtype)
+            _add_stats(info, stats)
         info["density"] = block_layout.density()
         info["layout"] = block_layout
     info["lse"] = lse

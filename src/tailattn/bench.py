@@ -80,8 +80,8 @@ def run(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from .kernels import block_sparse_attention
-    from .kernels.scoring import pooled_logits, topk_layout
+    from .kernels import tailed_block_attention
+    from .methods import registry
 
     say = progress or (lambda _: None)
 
@@ -110,12 +110,9 @@ def run(
     flex = torch.compile(flex_attention, dynamic=False)
     for keep in keeps:
         say(f"scoring keep={keep}")
-        layout = topk_layout(pooled_logits(q, k, block, block, scale), keep, n, n, block, block)
-        score_ms = time_ms(
-            lambda keep=keep: topk_layout(
-                pooled_logits(q, k, block, block, scale), keep, n, n, block, block
-            )
-        )
+        select = registry.bind("block-topk", keep=keep, block_q=block, block_k=block).selection
+        layout = select(q, k, scale=scale)
+        score_ms = time_ms(lambda select=select: select(q, k, scale=scale))
         density = layout.density()
         flops = pair_flops(layout, d)
         add(BenchRow("scoring+topk", keep, "-", score_ms, 0.0, density, cudnn / score_ms))
@@ -129,7 +126,9 @@ def run(
         for tail in tails:
             say(f"tailattn keep={keep} tail={tail}")
             ms = time_ms(
-                lambda layout=layout, tail=tail: block_sparse_attention(q, k, v, layout, tail)
+                lambda layout=layout, tail=tail: tailed_block_attention(
+                    q, k, v, layout, tail, scale
+                )
             )
             say(f"  kernel config: {tuned_config()}")
             add(

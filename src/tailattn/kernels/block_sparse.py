@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from ..layout import BlockLayout, invert_permutation
+from ..layout import BlockLayout
+from ..reference.merge import merge_tokens
+from ..reorder import permute_tokens, unpermute_tokens
 from . import attention as _attn
 from .pooling import block_means, block_sums
 
@@ -33,11 +35,10 @@ def unsupported_reason(
     return None
 
 
-def _gather(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    if perm is None:
-        return x if x.stride(-1) == 1 else x.contiguous()
-    index = perm.expand(x.shape[:3]).unsqueeze(-1).expand(x.shape)
-    return torch.gather(x, 2, index)
+def _prepared(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Permuted into the layout's order, with the unit last stride the kernel needs."""
+    x = permute_tokens(x, perm)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _tail_tensors(
@@ -102,8 +103,8 @@ def block_sparse_attention(
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qp = _gather(q, layout.q_perm)
-    kp, vp = _gather(k, layout.kv_perm), _gather(v, layout.kv_perm)
+    qp = _prepared(q, layout.q_perm)
+    kp, vp = _prepared(k, layout.kv_perm), _prepared(v, layout.kv_perm)
     shape = (*qp.shape[:3], v.shape[-1])
     if out is not None and (out.shape != shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError(f"out must be {shape} in {q.dtype} with a unit last stride")
@@ -127,7 +128,45 @@ def block_sparse_attention(
         config,
     )
     if layout.q_perm is not None:
-        inv = invert_permutation(layout.q_perm)
-        result = _gather(result, inv) if out is None else out.copy_(_gather(result, inv))
-        lse = torch.gather(lse, 2, inv.expand(lse.shape))
+        restored = unpermute_tokens(result, layout.q_perm)
+        result = restored if out is None else out.copy_(restored)
+        lse = unpermute_tokens(lse, layout.q_perm)
     return result, lse
+
+
+def tailed_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    tail: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block tail on the GPU: ``drop``/``uta``/``blocks`` fused in the kernel; ``moment``
+    as the ``drop`` kernel plus its second-order token from per-block sums in PyTorch, merged by
+    log-sum-exp (a fused form would need the d x d covariance per query block in the kernel).
+
+    Returns out in q's dtype and lse float32 (B, H, Nq), original token order.
+    """
+    if tail in KERNEL_TAILS:
+        return block_sparse_attention(q, k, v, layout, tail, scale)
+    if tail != "moment":
+        raise ValueError(f"no GPU path for block tail {tail!r}")
+    from ..reference.block_tails import BlockMoment, key_block_sums, to_blocks
+
+    out, lse = block_sparse_attention(q, k, v, layout, "drop", scale)
+    qp = permute_tokens(q, layout.q_perm).float()
+    kp = permute_tokens(k, layout.kv_perm).float()
+    vp = permute_tokens(v, layout.kv_perm).float()
+    moment = BlockMoment()
+    kept = layout.to_dense()
+    summary = moment.prepare(key_block_sums(kp, vp, layout.block_k, True), kept.float())
+    rows = slice(0, layout.num_q_blocks)
+    tokens = moment.tokens(summary, to_blocks(qp, layout.block_q), rows, kept, scale)
+    b, h, n_q = q.shape[:3]
+
+    logits = unpermute_tokens(tokens.logits.reshape(b, h, -1)[:, :, :n_q], layout.q_perm)
+    values = tokens.values.reshape(b, h, -1, v.shape[-1])[:, :, :n_q]
+    values = unpermute_tokens(values, layout.q_perm)
+    merged, lse = merge_tokens(out.float(), lse, logits.unsqueeze(-1), values.unsqueeze(-2))
+    return merged.to(q.dtype), lse

@@ -18,6 +18,7 @@ Block sizes: any positive integer for the reference executor; the Triton kernels
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +45,25 @@ def block_budget(keep: float, n_blocks: int) -> int:
     return min(n_blocks, max(1, math.ceil(keep * n_blocks - 1e-9)))
 
 
+def _triton_pooling(x: torch.Tensor, block: int) -> bool:
+    """The Triton block-mean kernel serves CUDA tensors with power-of-two sizes."""
+    d = x.shape[-1]
+    if x.device.type != "cuda" or x.dtype == torch.float64 or d & (d - 1) or block & (block - 1):
+        return False
+    return block >= 16 and importlib.util.find_spec("triton") is not None
+
+
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of every block of ``block`` tokens: (B, H, N, D) -> (B, H, ceil(N / block), D).
 
     Accumulates in float32 (float64 for float64 input); the ragged last block is averaged over
-    its own tokens.
+    its own tokens. On CUDA one Triton pass reads each token once
+    (:func:`tailattn.kernels.pooling.block_means`).
     """
+    if _triton_pooling(x, block):
+        from ..kernels.pooling import block_means
+
+        return block_means(x, block)[0]
     b, h, n, d = x.shape
     m = num_blocks(n, block)
     acc = accumulation_dtype(x.dtype)
@@ -147,10 +161,17 @@ class BlockTopK:
     ) -> BlockLayout:
         scores = pooled_logits(q, k, scale, self.block_q, self.block_k)
         budget = block_budget(self.keep, scores.shape[-1])
-        ranked = scores.topk(budget, dim=-1).indices
-        counts = torch.full(scores.shape[:3], budget, dtype=torch.int64, device=scores.device)
-        return layout_from_ranking(
-            ranked, counts, q.shape[2], k.shape[2], self.block_q, self.block_k
+        kept = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        counts = torch.full(scores.shape[:3], budget, dtype=torch.int32, device=scores.device)
+        # distinct, in-range ids and a full count by construction: skip the validation syncs
+        return BlockLayout(
+            kept.to(torch.int32),
+            counts,
+            q.shape[2],
+            k.shape[2],
+            self.block_q,
+            self.block_k,
+            check=False,
         )
 
 
