@@ -231,3 +231,10 @@ def test_calling_a_block_outside_the_transformer_forward():
         attn = model.blocks[0].attn1
         with pytest.raises(ValueError, match="called outside its transformer's forward"):
             attn(torch.randn(1, 48, 128))
+
+
+def test_context_parallel_attention_is_refused():
+    model = wan()
+    model.blocks[0].attn1.processor._parallel_config = object()
+    with pytest.raises(ValueError, match="context-parallel attention"):
+        apply(model, "topk+uta", keep=0.5)

@@ -157,6 +157,11 @@ def _check_installable(targets: list[tuple[torch.nn.Module, ModelKind]]) -> None
                     f"tailattn is already applied to this {type(model).__name__}; call "
                     f"handle.remove() on the first handle before applying again"
                 )
+            if getattr(processor, "_parallel_config", None) is not None:
+                raise ValueError(
+                    f"layer {layer} of {type(model).__name__} runs context-parallel attention; "
+                    f"tailattn supports single-device attention only (disable parallelism first)"
+                )
             if type(processor).__name__ not in kind.stock_processors:
                 raise ValueError(
                     f"layer {layer} of {type(model).__name__} uses {type(processor).__name__}; "

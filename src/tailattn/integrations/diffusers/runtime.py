@@ -23,7 +23,7 @@ from ..._api import attention
 from ..._checks import check_grid
 from ...methods import Method
 from .clock import StepClock, Tick
-from .joint import TokenOrder, dense_attention, joint_attention
+from .joint import SparsePart, TokenOrder, dense_attention, joint_attention
 from .schedule import Plan, Schedule
 from .state import StateKey, StateStore
 
@@ -165,7 +165,8 @@ class Runtime:
             q, k, v, order, self._sparse(plan, grid, state), mask=mask, backend=backend
         )
 
-    def _sparse(self, plan: Plan, grid: tuple[int, int, int], state: object | None):
+    def _sparse(self, plan: Plan, grid: tuple[int, int, int], state: object | None) -> SparsePart:
+        """The method over video tokens at this call's keep, grid and state."""
         params = dict(self.params)
         if state is not None:
             params["state"] = state
