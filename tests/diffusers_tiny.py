@@ -3,6 +3,7 @@ diffusers integration tests. Import after ``pytest.importorskip("diffusers")``."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -210,3 +211,8 @@ class TinyPipeline:
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {})
         return outputs
+
+
+def plain(output: str) -> str:
+    """Command output without rich's box drawing and line wrapping: words joined by spaces."""
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", output).split())

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from diffusers_tiny import (
     TinyPipeline,
     one_thread,  # noqa: F401
+    plain,
     wan,
 )
 from tailattn.integrations.diffusers import cli
@@ -55,7 +56,7 @@ def test_capture_command_writes_the_chosen_entries(app, tmp_path):
     args += ["--layers", "0,2", "--steps", "1-2", "--num-steps", "3", "--dtype", "float32"]
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--frames", "2"])
     assert result.exit_code == 0, result.output
-    assert "4 entries" in " ".join(result.output.split())
+    assert "4 entries" in plain(result.output)
     assert app.loaded[0][1:] == (cli.DTYPES["float32"], "cpu")
     loaded = capture_module.load_capture(out)
     assert [(e.layer, e.step) for e in loaded.entries] == [(0, 1), (2, 1), (0, 2), (2, 2)]
@@ -77,7 +78,7 @@ def test_capture_command_bad_parameters(app, tmp_path, extra, message):
     args = ["capture", "--model", str(tmp_path), "--prompt", "p", "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(app, [*args, *extra])
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert message in plain(result.output)
 
 
 def test_capture_command_model_that_is_neither_directory_nor_hub_id(app, tmp_path):
