@@ -31,20 +31,36 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def wan(num_layers: int = 2, seed: int = 0) -> WanTransformer3DModel:
+def wan(num_layers: int = 2, seed: int = 0, i2v: bool = False) -> WanTransformer3DModel:
+    """Wan T2V, or with ``i2v`` Wan I2V: image tokens in cross-attention, latents with the
+    conditioning channels concatenated (2 * CHANNELS in)."""
     torch.manual_seed(seed)
+    image = {"image_dim": 16, "added_kv_proj_dim": HEADS * HEAD_DIM} if i2v else {}
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=HEADS,
         attention_head_dim=HEAD_DIM,
-        in_channels=CHANNELS,
+        in_channels=2 * CHANNELS if i2v else CHANNELS,
         out_channels=CHANNELS,
         text_dim=32,
         freq_dim=32,
         ffn_dim=64,
         num_layers=num_layers,
         rope_max_seq_len=32,
+        **image,
     ).eval()
+
+
+def wan_i2v_inputs(timestep: float, seed: int = 1) -> dict[str, Any]:
+    """Wan I2V inputs: 512 text tokens (Wan's processor takes the last 512 of the context as
+    text) and 5 image tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 2 * CHANNELS, 3, 8, 8, generator=gen),
+        "timestep": torch.full((1,), timestep),
+        "encoder_hidden_states": torch.randn(1, 512, 32, generator=gen),
+        "encoder_hidden_states_image": torch.randn(1, 5, 16, generator=gen),
+    }
 
 
 def hunyuan(seed: int = 0) -> HunyuanVideoTransformer3DModel:

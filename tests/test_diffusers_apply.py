@@ -13,6 +13,7 @@ from diffusers_tiny import (
     one_thread,  # noqa: F401
     run,
     wan,
+    wan_i2v_inputs,
     wan_inputs,
 )
 from tailattn.integrations.diffusers import apply
@@ -85,6 +86,16 @@ def test_remove_puts_the_original_processor_objects_back(case):
     handle.remove()
     assert all(attn.processor is p for attn, p in zip(modules, before, strict=True))
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_wan_i2v_keep_one_equals_stock_and_sparse_differs():
+    model = wan(i2v=True)
+    inputs = wan_i2v_inputs(700.0)
+    stock = run(model, inputs)
+    with apply(model, "topk+uta", keep=1.0):
+        torch.testing.assert_close(run(model, inputs), stock, rtol=1e-5, atol=1e-5)
+    with apply(model, "topk+uta", keep=0.25):
+        assert rel_change(run(model, inputs), stock) > 1e-4
 
 
 def test_wan_cross_attention_stays_stock():
