@@ -191,7 +191,7 @@ def test_dense_layers_must_be_a_collection(value):
 
 
 def test_negative_layer_index():
-    with pytest.raises(ValueError, match="layers must hold non-negative integers"):
+    with pytest.raises(ValueError, match="layers: expected a non-negative integer"):
         apply(wan(), "topk+uta", keep=0.5, layers=[-1])
 
 
@@ -249,3 +249,11 @@ def test_context_parallel_attention_is_refused():
     model.blocks[0].attn1.processor._parallel_config = object()
     with pytest.raises(ValueError, match="context-parallel attention"):
         apply(model, "topk+uta", keep=0.5)
+
+
+def test_transformer_called_without_a_timestep():
+    model = wan()
+    inputs = wan_inputs(700.0)
+    inputs["timestep"] = None
+    with apply(model, "topk+uta", keep=0.5), pytest.raises(ValueError, match="usable timestep"):
+        run(model, inputs)

@@ -221,3 +221,18 @@ def test_capture_of_differently_masked_prompts_in_one_batch():
         capture(model, ListSink()),
     ):
         run(model, hunyuan_inputs(700.0, text_valid=(4, 6)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": [-1]}, "steps: expected a non-negative integer"),
+        ({"steps": 3}, "steps must be a collection of indices"),
+        ({"branch": -1}, "branch: expected a non-negative integer"),
+    ],
+)
+def test_capture_bad_steps_and_branch(kwargs, match):
+    model = wan()
+    with pytest.raises((TypeError, ValueError), match=match):
+        capture(model, ListSink(), **kwargs)
+    assert not model._forward_pre_hooks

@@ -108,7 +108,8 @@ class Handle:
         return self._runtime.states
 
     def reset(self) -> None:
-        """Treat the next transformer call as the first step of a new generation."""
+        """Treat the next transformer call as the first step of a new generation; clears the
+        call log and the per-layer states."""
         self._runtime.reset()
 
     def add_observer(self, observer: Observer) -> None:

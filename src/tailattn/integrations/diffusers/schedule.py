@@ -33,7 +33,7 @@ class Plan:
 
 def check_index(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must hold non-negative integers, got {value!r}")
+        raise ValueError(f"{name}: expected a non-negative integer index, got {value!r}")
     return value
 
 
