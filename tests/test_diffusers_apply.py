@@ -204,11 +204,12 @@ def test_applying_twice_without_removing():
     apply(model, "topk", keep=0.5).remove()
 
 
-def test_foreign_processor_is_refused():
+def test_foreign_processor_is_refused_where_it_would_be_replaced():
     model = wan()
     model.blocks[1].attn1.set_processor(object())
     with pytest.raises(ValueError, match="layer 1 of WanTransformer3DModel uses object"):
         apply(model, "topk+uta", keep=0.5)
+    apply(model, "topk+uta", keep=0.5, layers=[0]).remove()
 
 
 @pytest.mark.parametrize(

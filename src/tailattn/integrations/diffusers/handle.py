@@ -149,10 +149,14 @@ class Handle:
         return f"Handle({self.method!r} on {models}, {state})"
 
 
-def _check_installable(targets: list[tuple[torch.nn.Module, ModelKind]]) -> None:
-    for model, kind in targets:
+def _check_installable(
+    targets: list[tuple[torch.nn.Module, ModelKind]], chosen: list[frozenset[int]]
+) -> None:
+    for (model, kind), layers in zip(targets, chosen, strict=True):
         for layer, attn in enumerate(kind.attention_modules(model)):
             processor = attn.processor
+            if layer not in layers and not isinstance(processor, TailProcessor):
+                continue
             if isinstance(processor, TailProcessor):
                 raise ValueError(
                     f"tailattn is already applied to this {type(model).__name__}; call "
@@ -227,7 +231,7 @@ def apply(
     )
     if keep_schedule is not None and keep is None:
         raise ValueError("keep_schedule needs a budgeted method and keep= for the steps before it")
-    _check_installable(targets)
+    _check_installable(targets, chosen)
     states = StateStore(state_factory(bound.selection))
     runtime = Runtime(bound.method, method_params, schedule, states)
     return Handle(targets, chosen, runtime)
