@@ -143,6 +143,10 @@ class SVG2:
         ck = self.k_clusters or default_clusters(n_k, WAN720P_K_CLUSTERS)
         return min(cq, n_q), min(ck, n_k)
 
+    def new_state(self) -> SVG2State:
+        """A fresh per-layer state (the diffusers integration asks for one per layer)."""
+        return SVG2State()
+
     def cluster(
         self, q: torch.Tensor, k: torch.Tensor, state: SVG2State | None = None
     ) -> tuple[KMeansResult, KMeansResult]:

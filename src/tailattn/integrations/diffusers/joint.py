@@ -1,0 +1,163 @@
+"""Joint attention over video and text tokens: sparse video-to-video, dense everything else.
+
+HunyuanVideo and CogVideoX attend over one sequence of video tokens and text tokens. tailattn
+makes only the video-to-video part sparse; text tokens are always kept:
+
+- a video query attends sparsely to the video keys (the method, with its tail) and densely to
+  the (unmasked) text keys. The two parts cover disjoint keys, so they merge exactly by
+  log-sum-exp (the merge of ``tailattn.reference.merge``):
+
+      lse = logaddexp(lse_vv, lse_vt),
+      o   = e^(lse_vv - lse) o_vv + e^(lse_vt - lse) o_vt;
+
+- a text query attends densely to every key, as in the stock model.
+
+Tensors here are in the diffusers layout (B, N, H, D). A boolean ``mask`` (B, 1, 1, N) marks the
+keys attention may use (HunyuanVideo masks padded text tokens this way); video keys are never
+masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from ..._checks import accumulation_dtype
+from ...reference import full_attention, merge_tokens
+
+SparsePart = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]
+]
+"""``sparse(q, k, v, need_lse) -> (out, lse)``: the method over video tokens, (B, N, H, D)
+in and out; ``lse`` (B, H, Nq) is returned when ``need_lse`` is true."""
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """Where the text tokens sit in a joint sequence: ``n_text`` tokens first or last."""
+
+    n_text: int = 0
+    text_first: bool = False
+
+    def video(self, x: torch.Tensor) -> torch.Tensor:
+        """The video tokens of a (B, N, ...) tensor."""
+        if self.n_text == 0:
+            return x
+        return x[:, self.n_text :] if self.text_first else x[:, : -self.n_text]
+
+    def text(self, x: torch.Tensor) -> torch.Tensor:
+        """The text tokens of a (B, N, ...) tensor."""
+        return x[:, : self.n_text] if self.text_first else x[:, x.shape[1] - self.n_text :]
+
+    def join(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        parts = (text, video) if self.text_first else (video, text)
+        return torch.cat(parts, dim=1)
+
+
+def key_mask(mask: torch.Tensor | None, n_keys: int, batch: int) -> torch.Tensor | None:
+    """A boolean key mask (B, 1, 1, N) as (B, N); ``None`` stays ``None``.
+
+    Raises:
+        TypeError/ValueError: a mask of another dtype or shape (per-query masks and additive
+            masks are not supported by the sparse path).
+    """
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"attention_mask must be a boolean key mask for sparse attention, got {mask.dtype}"
+        )
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != n_keys:
+        raise ValueError(
+            f"attention_mask must be a key mask of shape (B, 1, 1, {n_keys}), "
+            f"got {tuple(mask.shape)}"
+        )
+    return mask.reshape(mask.shape[0], n_keys).expand(batch, n_keys)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    backend: object,
+) -> torch.Tensor:
+    """Dense attention through diffusers' dispatcher and the stock processor's backend."""
+    return dispatch_attention_fn(
+        q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend
+    )
+
+
+def _video_to_text(
+    q_video: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of video queries over the valid text keys: out (B, Nv, H, D) and lse
+    (B, Nv, H) in the accumulation dtype (float64 for float64 inputs, else float32); a batch
+    element without valid text keys gets out 0 and lse -inf."""
+    b, nv, h, _ = q_video.shape
+    acc = accumulation_dtype(q_video.dtype)
+    if valid is None:
+        out, lse = full_attention(q_video, k_text, v_text, return_lse=True, layout="bnhd")
+        return out.to(acc), lse.transpose(1, 2).to(acc)
+    out = q_video.new_zeros((b, nv, h, v_text.shape[-1]), dtype=acc)
+    lse = q_video.new_full((b, nv, h), float("-inf"), dtype=acc)
+    for i in range(b):
+        keys = valid[i]
+        if bool(keys.any()):
+            o_i, lse_i = full_attention(
+                q_video[i : i + 1],
+                k_text[i : i + 1, keys],
+                v_text[i : i + 1, keys],
+                return_lse=True,
+                layout="bnhd",
+            )
+            out[i], lse[i] = o_i[0], lse_i[0].transpose(0, 1)
+    return out, lse
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    order: TokenOrder,
+    sparse: SparsePart,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: object = None,
+) -> torch.Tensor:
+    """Sparse video-to-video attention, dense text, merged by log-sum-exp (module docstring).
+
+    Args:
+        q, k, v: (B, N, H, D) in the model's token order.
+        order: where the text tokens are.
+        sparse: the method over video tokens (see :data:`SparsePart`).
+        mask: optional boolean key mask (B, 1, 1, N); it may mask text keys only.
+        backend: the stock processor's attention backend, for the dense text queries.
+
+    Returns:
+        (B, N, H, D) in the model's token order and q's dtype.
+    """
+    keys = key_mask(mask, k.shape[1], k.shape[0])
+    if keys is not None and not bool(order.video(keys).all()):
+        raise ValueError("attention_mask masks video keys; tailattn supports masked text keys only")
+    if order.n_text == 0:
+        out, _ = sparse(q, k, v, False)
+        return out.to(q.dtype)
+
+    q_video = order.video(q)
+    out_vv, lse_vv = sparse(q_video, order.video(k), order.video(v), True)
+    assert lse_vv is not None
+    out_vt, lse_vt = _video_to_text(
+        q_video, order.text(k), order.text(v), None if keys is None else order.text(keys)
+    )
+    merged, _ = merge_tokens(
+        out_vv.to(out_vt.dtype),
+        lse_vv.transpose(1, 2).to(out_vt.dtype),
+        lse_vt.unsqueeze(-1),
+        out_vt.unsqueeze(-2),
+    )
+    out_text = dense_attention(order.text(q), k, v, mask, backend)
+    return order.join(merged.to(q.dtype), out_text.to(q.dtype))

@@ -1,0 +1,214 @@
+"""What happens at each attention call of a patched transformer.
+
+The transformer's forward pre-hook tells the :class:`Runtime` the grid and the timestep of the
+call (:meth:`Runtime.begin_forward`); each patched layer's :class:`LayerRoute` then asks it to
+attend: the runtime places the call (run, step, branch), plans it (dense or sparse at which
+keep, ``schedule``), logs it, offers q, k, v to the capture sessions, and runs dense attention
+(the stock backend) or the sparse method (``joint.joint_attention``) with the layer's state.
+
+The route is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): a compiled
+transformer breaks its graph at each attention call and nowhere else, and the step-dependent
+decisions never become guards (no recompilation as steps advance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..._api import attention
+from ..._checks import check_grid
+from ...methods import Method
+from .clock import StepClock, Tick
+from .joint import SparsePart, TokenOrder, dense_attention, joint_attention
+from .schedule import Plan, Schedule
+from .state import StateKey, StateStore
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One attention call as the handle ran it: where (run, step, branch, model, layer,
+    timestep, latent grid) and how (``dense`` with its ``reason``, or sparse at ``keep``)."""
+
+    run: int
+    step: int
+    branch: int
+    model: int
+    layer: int
+    timestep: float
+    grid: tuple[int, int, int]
+    dense: bool
+    reason: str
+    keep: float | None
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """The transformer call in progress: its place in the run and its latent grid."""
+
+    tick: Tick
+    grid: tuple[int, int, int]
+
+
+class Observer(Protocol):
+    """Sees q, k, v of every attention call (capture sessions)."""
+
+    def observe(
+        self,
+        layer: int,
+        tick: Tick,
+        grid: tuple[int, int, int],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        order: TokenOrder,
+        mask: torch.Tensor | None,
+    ) -> None: ...
+
+
+class Runtime:
+    """The per-handle context of attention calls (module docstring). No global state: every
+    handle has its own runtime."""
+
+    def __init__(
+        self,
+        method: Method,
+        params: Mapping[str, Any],
+        schedule: Schedule,
+        states: StateStore,
+    ) -> None:
+        self.method = method
+        self.params = dict(params)
+        self.schedule = schedule
+        self.states = states
+        self.clock = StepClock()
+        self.calls: list[LayerCall] = []
+        self.observers: list[Observer] = []
+        self._forwards: dict[int, ForwardContext] = {}
+
+    def begin_forward(self, model: int, grid: tuple[int, int, int], timestep: float) -> None:
+        tick = self.clock.tick(timestep)
+        if tick.new_run:
+            self.states.clear()
+        self._forwards[model] = ForwardContext(tick, grid)
+
+    def end_forward(self, model: int) -> None:
+        self._forwards.pop(model, None)
+
+    def reset(self) -> None:
+        """Start a new run at the next call: step 0, fresh states, empty log."""
+        self.clock.reset()
+        self.states.clear()
+        self.calls.clear()
+
+    def _context(self, model: int, layer: int) -> ForwardContext:
+        context = self._forwards.get(model)
+        if context is None:
+            raise ValueError(
+                f"layer {layer} was called outside its transformer's forward: tailattn takes the "
+                f"grid and the step from the transformer's input, so call the transformer "
+                f"itself, not its blocks"
+            )
+        return context
+
+    def route(
+        self,
+        model: int,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        order: TokenOrder,
+        mask: torch.Tensor | None,
+        backend: object,
+    ) -> torch.Tensor:
+        """Attention of one layer call, (B, N, H, D) in and out (module docstring)."""
+        context = self._context(model, layer)
+        tick, grid = context.tick, context.grid
+        n_video = k.shape[1] - order.n_text
+        try:
+            check_grid(grid, n_video)
+        except ValueError as err:
+            raise ValueError(
+                f"cannot infer the grid of layer {layer}: the input latents give {grid} "
+                f"({grid[0] * grid[1] * grid[2]} tokens) but attention sees {n_video} video "
+                f"tokens ({err})"
+            ) from None
+        plan = self.schedule.plan(tick.step, layer)
+        self.calls.append(
+            LayerCall(
+                tick.run,
+                tick.step,
+                tick.branch,
+                model,
+                layer,
+                tick.timestep,
+                grid,
+                plan.dense,
+                plan.reason,
+                plan.keep,
+            )
+        )
+        for observer in self.observers:
+            observer.observe(layer, tick, grid, q, k, v, order, mask)
+        if plan.dense:
+            return dense_attention(q, k, v, mask, backend)
+        state = (
+            self.states.get_or_create(StateKey(model, layer, tick.branch))
+            if self.states.wanted
+            else None
+        )
+        return joint_attention(
+            q, k, v, order, self._sparse(plan, grid, state), mask=mask, backend=backend
+        )
+
+    def _sparse(self, plan: Plan, grid: tuple[int, int, int], state: object | None) -> SparsePart:
+        """The method over video tokens at this call's keep, grid and state."""
+        params = dict(self.params)
+        if state is not None:
+            params["state"] = state
+
+        def sparse(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            result = attention(
+                q,
+                k,
+                v,
+                self.method,
+                keep=plan.keep,
+                grid=grid,
+                layout="bnhd",
+                return_info=need_lse,
+                **params,
+            )
+            if need_lse:
+                out, info = result
+                return out, info["lse"]
+            return result, None
+
+        return sparse
+
+
+class LayerRoute:
+    """A patched layer's way into its runtime; called by the processor, never traced."""
+
+    def __init__(self, runtime: Runtime, model: int, layer: int) -> None:
+        self.runtime = runtime
+        self.model = model
+        self.layer = layer
+
+    @torch.compiler.disable
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        order: TokenOrder,
+        mask: torch.Tensor | None,
+        backend: object,
+    ) -> torch.Tensor:
+        return self.runtime.route(self.model, self.layer, q, k, v, order, mask, backend)
