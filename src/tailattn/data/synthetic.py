@@ -120,7 +120,7 @@ def _pair_axis(head_dim: int) -> torch.Tensor:
 def scene_labels(grid: tuple[int, int, int], seed: int) -> torch.Tensor:
     """(N,) content label of every token: nearest of C blob centres drifting over time."""
     gen = torch.Generator().manual_seed(seed)
-    t, h, w = grid
+    _, h, w = grid
     start = torch.rand(_CONTENT_CLUSTERS, 2, generator=gen) * torch.tensor([h, w])
     speed = (torch.rand(_CONTENT_CLUSTERS, 2, generator=gen) - 0.5) * 0.6
     pos = grid_positions(grid).to(torch.float32)
