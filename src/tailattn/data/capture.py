@@ -246,10 +246,21 @@ class CaptureEntry:
     timestep: float | None
 
     def tensor(self, name: str) -> torch.Tensor:
+        """The whole (B, H, N, D) tensor ``name`` (``q``, ``k`` or ``v``)."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(f"{self.index}.{name}")
+
+    def head(self, batch: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of one (batch, head), each (1, 1, N, D), read without loading the rest."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return tuple(  # type: ignore[return-value]
+                f.get_slice(f"{self.index}.{name}")[batch : batch + 1, head : head + 1]
+                for name in NAMES
+            )
 
     @property
     def q(self) -> torch.Tensor:
