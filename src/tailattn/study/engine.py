@@ -47,21 +47,22 @@ class PairStats:
 
 @dataclass
 class UnitResult:
-    """Everything measured on one unit."""
+    """Everything measured on one unit (one head of one entry)."""
 
     label: str
     head: int
     layer: int | None
     step: int | None
+    timestep: float | None
     rows: int
     tokens: int
     pairs: dict[Pair, dict[str, float]]
-    anatomy: dict[str, float]
-    recall_curve: list[float]
-    histograms: dict[str, list[float]]
-    samples: list[list[float]]
-    outputs: dict[str, list[float]]
-    skipped: dict[Pair, str]
+    anatomy: dict[str, float] = field(default_factory=dict)
+    recall_curve: list[float] = field(default_factory=list)
+    histograms: dict[str, list[float]] = field(default_factory=dict)
+    samples: list[list[float]] = field(default_factory=list)
+    outputs: dict[str, list[float]] = field(default_factory=dict)
+    skipped: dict[Pair, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def evaluate_unit(
         if acc is not None:
             acc.add(chunk)
         if watched:
-            keep_hist("full", chunk.p)
+            if acc is None:
+                keep_hist("full", chunk.p)
             keep_outputs("full", ref, start)
         for job in jobs:
             kept = MaskStats(chunk, job.mask(chunk))

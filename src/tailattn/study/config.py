@@ -1,0 +1,82 @@
+"""The study's configuration: what to evaluate, on which source, how many rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .plan import check_keeps
+
+EXPERIMENTS = (
+    "table1",
+    "recall",
+    "bins",
+    "ablation",
+    "distributions",
+    "outputs",
+    "anatomy",
+    "steps",
+)
+"""Experiment names, as in seed 001 and METHODS.md section 1."""
+
+DEFAULT_METHODS = ("topk", "topk+uta", "svg2", "svg2+uta", "topk+moment", "svg2+blocks")
+"""Table 1 of the paper (Top-K, Top-K+UTA, SVG2, SVG2+UTA) plus two tails of ours."""
+
+DEFAULT_KEEPS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_BINS = (1, 2, 4, 8, 16, 32)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study run depends on.
+
+    Attributes:
+        source: ``synthetic[:PRESET]``, ``toy`` or a capture file path.
+        methods: method specs for ``table1`` and ``recall``.
+        keeps: keep ratios in (0, 1].
+        experiments: names from :data:`EXPERIMENTS`; ``None``: all that apply to the source.
+        heads: head indices to evaluate (``None``: all).
+        queries: query rows sampled per head (``None``: all rows).
+        seed: seeds the synthetic data and the row sampling.
+        focus_keep: keep of the distribution, output and per-step experiments (Fig. 5, 8).
+        bins: bin counts of the ``bins`` experiment, run at the smallest keep.
+        dtype: ``float32`` or ``float64`` for the exact logits and every method.
+    """
+
+    source: str = "synthetic"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    keeps: tuple[float, ...] = DEFAULT_KEEPS
+    experiments: tuple[str, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    queries: int | None = None
+    seed: int = 0
+    focus_keep: float = 0.25
+    bins: tuple[int, ...] = DEFAULT_BINS
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keeps", check_keeps(self.keeps))
+        if self.experiments is not None:
+            unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+            if unknown:
+                raise ValueError(
+                    f"unknown experiment(s) {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(EXPERIMENTS)}"
+                )
+            if not self.experiments:
+                raise ValueError("the experiment list is empty")
+        if self.queries is not None and (isinstance(self.queries, bool) or self.queries < 1):
+            raise ValueError(f"queries must be a positive integer, got {self.queries!r}")
+        if self.heads is not None and not self.heads:
+            raise ValueError("the head list is empty")
+        check_keeps((self.focus_keep,))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.bins or any(not 1 <= b <= 64 for b in self.bins):
+            raise ValueError(f"bins must be bin counts in 1..64, got {self.bins}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
