@@ -1,0 +1,111 @@
+"""The tailattn command: study, bench and capture registration, and their bad input."""
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tailattn.cli import app, split_methods
+from tailattn.data.capture import CaptureWriter
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def capture_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "c.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    with CaptureWriter(path, model="m", grid=(2, 4, 8), text_tokens=0) as writer:
+        for step in range(2):
+            q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+            writer.add(0, step, 3 * q, k, v)
+    return path
+
+
+def study(*args):
+    return runner.invoke(app, ["study", *args], terminal_width=200)
+
+
+def test_study_prints_table1_and_writes_the_report(capture_file, tmp_path):
+    out, js = tmp_path / "rep", tmp_path / "rows.json"
+    result = study(
+        "--source",
+        str(capture_file),
+        "--methods",
+        "topk,topk+uta,topp(p=0.9)+uta",
+        "--keep",
+        "0.1,0.5",
+        "--experiments",
+        "table1,steps",
+        "--out",
+        str(out),
+        "--json",
+        str(js),
+    )
+    assert result.exit_code == 0, result.output
+    assert "keep 0.1" in result.output and "topk+uta" in result.output and "%" in result.output
+    assert (out / "report.md").exists() and not (out / "study.json").exists()
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"topk", "topk+uta", "topp(p=0.9)+uta"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--keep", "0.1,1.5"], "keep must be in (0, 1]"),
+        (["--keep", "a,b"], "--keep must be a comma-separated list"),
+        (["--methods", "topk,nope+uta"], "unknown selection 'nope'"),
+        (["--experiments", "table1,figure9"], "unknown experiment(s) 'figure9'"),
+        (["--source", "nowhere"], "unknown source 'nowhere'"),
+        (["--dtype", "half"], "dtype must be one of"),
+    ],
+)
+def test_study_bad_input(args, message, tmp_path):
+    result = study(*args, "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+
+
+def test_study_steps_skip_message(tmp_path):
+    result = study(
+        "--experiments",
+        "steps,anatomy",
+        "--heads",
+        "3",
+        "--queries",
+        "64",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "steps: skipped" in result.output
+
+
+def test_toy_source_without_the_toy_model(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tailattn.toy", None)
+    result = study("--source", "toy", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2
+    assert "needs the toy model" in " ".join(result.output.split())
+
+
+def test_split_methods_keeps_parameters_together():
+    assert split_methods("topp(p=0.9, x=1)+bins8, topk") == ("topp(p=0.9, x=1)+bins8", "topk")
+
+
+def test_bench_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = runner.invoke(app, ["bench", "--shape", "1,2,256,64"])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
+    result = runner.invoke(app, ["bench", "--shape", "huge"])
+    assert result.exit_code == 2 and "shape must be one of" in " ".join(result.output.split())
+
+
+def test_capture_is_registered():
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ("study", "bench", "capture"):
+        assert name in result.output
