@@ -89,13 +89,15 @@ class AnatomyAccumulator:
     histogram: torch.Tensor | None = None
     samples: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: Chunk, histogram_rows: int) -> None:
+        """Add a chunk; its first ``histogram_rows`` rows also go into the histogram."""
         for name, value in row_stats(chunk).items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value.sum())
         curve = recall_curve(chunk).sum(dim=0)
         self.curve = curve if self.curve is None else self.curve + curve
-        hist = log_p_histogram(chunk.p)
-        self.histogram = hist if self.histogram is None else self.histogram + hist
+        if histogram_rows > 0:
+            hist = log_p_histogram(chunk.p[:histogram_rows])
+            self.histogram = hist if self.histogram is None else self.histogram + hist
         for row in chunk.p_sorted[: max(0, SAMPLE_ROWS - len(self.samples))]:
             self.samples.append(row.to(torch.float64).clone())
         self.rows += chunk.z.shape[0]

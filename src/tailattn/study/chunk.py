@@ -84,6 +84,11 @@ class Chunk:
         return torch.exp(self.z_sorted - self.lse.unsqueeze(-1))
 
     @cached_property
+    def p_sorted_negated(self) -> torch.Tensor:
+        """-p in ascending order (Cq, N), for binary searches."""
+        return -self.p_sorted
+
+    @cached_property
     def p_prefix(self) -> torch.Tensor:
         """(Cq, N + 1): mass of the c largest probabilities at index c."""
         return _padded_cumsum(self.p_sorted)

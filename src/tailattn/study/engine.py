@@ -32,6 +32,8 @@ from .tails import MaskStats, TailEval, block_tail, token_tail
 METRICS = ("mse", "rel_l2", "recall", "recall_implied", "density", "budget")
 OUTPUT_ROWS = 32
 """Rows of every unit whose outputs are kept for the output-distribution plot (Fig. 8a)."""
+HISTOGRAM_ROWS = 256
+"""Rows of every unit whose probabilities go into the density histograms (Fig. 5)."""
 
 
 @dataclass
@@ -155,8 +157,10 @@ def evaluate_unit(
     step = _chunk_rows(k.shape[0], chunk_bytes, torch.finfo(dtype).bits // 8)
     n_keys = k.shape[0]
 
-    def keep_hist(name: str, p: torch.Tensor) -> None:
-        hist = log_p_histogram(p)
+    def keep_hist(name: str, p: torch.Tensor, start: int) -> None:
+        if start >= HISTOGRAM_ROWS:
+            return
+        hist = log_p_histogram(p[: HISTOGRAM_ROWS - start])
         histograms[name] = hist if name not in histograms else histograms[name] + hist
 
     def keep_outputs(name: str, out: torch.Tensor, start: int) -> None:
@@ -169,16 +173,16 @@ def evaluate_unit(
         ref = chunk.reference[0]
         ref_norm = ref.norm(dim=-1).clamp_min(torch.finfo(dtype).tiny)
         if acc is not None:
-            acc.add(chunk)
+            acc.add(chunk, HISTOGRAM_ROWS - start)
         if watched:
             if acc is None:
-                keep_hist("full", chunk.p)
+                keep_hist("full", chunk.p, start)
             keep_outputs("full", ref, start)
         for job in jobs:
             kept = MaskStats(chunk, job.mask(chunk))
             n_kept, recall = kept.n_kept, kept.recall
             for pair, tail in job.tails:
-                res = tail(kept, want_implied=pair in watched)
+                res = tail(kept, want_implied=pair in watched and start < HISTOGRAM_ROWS)
                 err = res.out - ref
                 row = {
                     "mse": (err * err).mean(dim=-1),
@@ -194,7 +198,7 @@ def evaluate_unit(
                 s.rows += idx.numel()
                 if pair in watched:
                     if res.implied is not None:
-                        keep_hist(pair.label, res.implied)
+                        keep_hist(pair.label, res.implied, start)
                     keep_outputs(pair.label, res.out, start)
         if on_chunk is not None:
             on_chunk(idx.numel())

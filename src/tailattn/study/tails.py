@@ -107,7 +107,7 @@ class MaskStats:
             diff = (chunk.p - c.unsqueeze(-1)).abs()
             return diff.masked_fill(self.kept.mask, 0.0).sum(dim=-1)
         k, n = self.kept.counts, chunk.n
-        above = torch.searchsorted(-chunk.p_sorted, -c.unsqueeze(-1)).squeeze(-1)
+        above = torch.searchsorted(chunk.p_sorted_negated, -c.unsqueeze(-1)).squeeze(-1)
         split = torch.maximum(above, k)
         prefix = chunk.p_prefix
         mass_hi = take(prefix, split) - take(prefix, k)
