@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -108,7 +109,7 @@ def study(
         )
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
