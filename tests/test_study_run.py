@@ -83,19 +83,20 @@ def test_report_files_and_json_rows(result, tmp_path):
 
 def test_interrupted_report_leaves_the_old_one(result, tmp_path, monkeypatch):
     out = tmp_path / "study"
-    write_report(result, out)
-    before = (out / "report.md").read_text()
+    out.mkdir()
+    (out / "report.md").write_text("old report")
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report_module.figures, "bins", boom)
+    monkeypatch.setattr(report_module.figures, "mse_vs_keep", boom)
     json_path = tmp_path / "extra.json"
     with pytest.raises(KeyboardInterrupt):
         write_report(result, out, json_path)
-    assert (out / "report.md").read_text() == before
+    assert (out / "report.md").read_text() == "old report"
     assert not json_path.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+    assert [p.name for p in out.iterdir()] == ["report.md"]
 
 
 def test_sampled_rows_are_reported(capture_file, tmp_path):
