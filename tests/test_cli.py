@@ -47,6 +47,9 @@ def test_study_prints_table1_and_writes_the_report(capture_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "keep 0.1" in result.output and "topk+uta" in result.output and "%" in result.output
     assert (out / "report.md").exists() and not (out / "study.json").exists()
+    topp_line = next(line for line in result.output.splitlines() if "topp(p=0.9)+uta" in line)
+    cells = [cell.strip() for cell in topp_line.split("│")[2:-1]]
+    assert len(cells) == 2 and sum(cell != "-" for cell in cells) == 1  # in one column only
     rows = json.loads(js.read_text())["rows"]
     assert {r["method"] for r in rows} >= {"topk", "topk+uta", "topp(p=0.9)+uta"}
 

@@ -29,7 +29,9 @@ def fmt(x: float | None) -> str:
 
 
 def table1_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the Table-1-style table (also printed to the terminal)."""
+    """Header and rows of the Table-1-style table (also printed to the terminal). A method
+    without a keep ratio (``topp``, ``threshold``) appears once, in the column nearest its
+    measured density."""
     config = result.config
     methods = parse_methods(config.methods)
     rows = pair_rows(result.units, [Pair(m.spec, k) for m in methods for k in config.keeps])
@@ -40,8 +42,13 @@ def table1_rows(result: StudyResult) -> tuple[list[str], list[list[str]]]:
     for info in methods:
         cells = table[info.spec]
         line = [info.spec]
+        own = cells.get("None")
+        nearest = (
+            min(config.keeps, key=lambda k: abs(k - own["density"])) if own is not None else None
+        )
         for keep in config.keeps:
-            cell = cells.get(str(keep if info.budgeted else None))
+            # a method without a keep ratio sits in the column nearest its measured density
+            cell = cells.get(str(keep)) if info.budgeted else (own if keep == nearest else None)
             if cell is None:
                 line.append("-")
                 continue
