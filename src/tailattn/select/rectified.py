@@ -126,7 +126,7 @@ class Rectified:
         """S_m as a bool (B, H, Mq, Mk) block mask (step 2)."""
         mk = mass.shape[-1]
         probs, ranked = mass.sort(dim=-1, descending=True, stable=True)
-        counts = (top_mass_counts(probs, self.p_remain) + 1).clamp(max=mk)
+        counts = (top_mass_counts(probs, self.p_remain, 0) + 1).clamp(max=mk)
         counts = counts.clamp(min=block_budget(1.0 - self.drop_rate, mk))
         chosen = torch.arange(mk, device=mass.device) < counts.unsqueeze(-1)
         mask = torch.zeros_like(chosen).scatter_(-1, ranked, chosen)
