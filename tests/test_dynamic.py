@@ -42,11 +42,28 @@ def test_recall_guarantee(qkv, r):
 
 
 @pytest.mark.parametrize("r", [0.9, 0.95, 0.99])
-def test_recall_guarantee_on_skewed_attention(skewed, r):
+@pytest.mark.parametrize("bound", ["max", "exact"])
+def test_recall_guarantee_on_skewed_attention(skewed, r, bound):
     q, k, v = skewed(seed=2, n=320)
-    _, info = tailattn.attention(q, k, v, "recall", recall=r, return_info=True, **ARGS)
+    spec = f"recall(bound={bound})"
+    _, info = tailattn.attention(q, k, v, spec, recall=r, return_info=True, **ARGS)
     full_lse = tailattn.full_attention(q, k, v, return_lse=True)[1]
     assert float(torch.exp(info["lse"] - full_lse).min()) >= r - 1e-9
+
+
+def test_exact_accounting_skips_more_and_meets_the_target(qkv):
+    q, k, v = qkv
+    full_lse = tailattn.full_attention(q, k, v, return_lse=True)[1]
+    density = {}
+    for bound in ("max", "exact"):
+        spec = f"recall(recall=0.9, bound={bound})"
+        _, info = tailattn.attention(q, k, v, spec, return_info=True, **ARGS)
+        density[bound] = info["density"]
+        assert float(torch.exp(info["lse"] - full_lse).min()) >= 0.9 - 1e-9
+        # the in-loop bound is exact with exact accounting
+        if bound == "exact":
+            assert abs(info["recall_bound"] - info["recall"]) < 1e-9
+    assert density["exact"] < density["max"]
 
 
 @pytest.mark.parametrize(
@@ -100,5 +117,7 @@ def test_bad_inputs(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match="recall"):
         tailattn.attention(q, k, v, "recall", recall=2.0)
+    with pytest.raises(ValueError, match="bound must be"):
+        Recall(bound="loose")
     with pytest.raises(ValueError, match="takes no parameter 'keep'"):
         tailattn.attention(q, k, v, "blasst", keep=0.1)

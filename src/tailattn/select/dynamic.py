@@ -27,6 +27,10 @@ The decision is per (query tile, key tile), as in a kernel, and is made for all 
   (counting the skipped mass), and add the bound to sigma_i. Since l only grows, the skipped
   mass S is at most (1 - r) / r times the final kept mass L, hence the achieved recall
   L / (L + S) >= r: the target is a guarantee, not an estimate, for any input.
+  The max bound is loose (up to n_j times the tile's mass), so ``bound="exact"`` accounts a
+  tile by its exact mass ``sum_j e^{z_ij - m_i}`` instead: the kernel then still computes the
+  tile's exp but skips the V load and P.V (half the FLOPs), and skips far more tiles at the
+  same guarantee.
 
 Tails (``+uta``, ``+blocks``, ``+moment``): the skipped tiles of a query tile are its dropped
 key blocks; their pooled tokens join the softmax exactly as for block selections
@@ -77,6 +81,11 @@ class TileLoop:
     block_q: int
     block_k: int
 
+    @property
+    def exact_mass(self) -> bool:
+        """Account a skipped tile by its exact mass (exp computed) instead of the max bound."""
+        return False
+
     def order(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Visiting order of the key tiles per query tile, (B, H, Mq, Mk) int64."""
         raise NotImplementedError
@@ -125,7 +134,10 @@ class TileLoop:
                 z = z.masked_fill(~key_valid[j].unsqueeze(-2), float("-inf"))
                 tile_max = z.amax(dim=-1)
                 shifted = torch.where(torch.isfinite(m), m, tile_max)
-                bound = sizes[j].unsqueeze(-1) * torch.exp(tile_max - shifted)
+                if self.exact_mass:
+                    bound = torch.exp(z - shifted.unsqueeze(-1)).sum(dim=-1)
+                else:
+                    bound = sizes[j].unsqueeze(-1) * torch.exp(tile_max - shifted)
                 wish = self.skip(tile_max, m, lsum, sigma, bound) | ~rv
                 drop = wish.all(dim=-1) if visit else torch.zeros_like(wish[..., 0])
                 new_m = torch.maximum(m, tile_max)
@@ -216,17 +228,24 @@ class Recall(TileLoop):
     stays within (1 - recall) of the running denominator."""
 
     recall: float = 0.95
+    bound: str = "max"
     block_q: int = 128
     block_k: int = 128
 
     def __post_init__(self) -> None:
         check_fraction(self.recall, "recall")
+        if self.bound not in ("max", "exact"):
+            raise ValueError(f"bound must be 'max' or 'exact', got {self.bound!r}")
         check_block_size(self.block_q, "block_q")
         check_block_size(self.block_k, "block_k")
 
     def order(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         scores = pooled_logits(q, k, scale, self.block_q, self.block_k)
         return scores.argsort(dim=-1, descending=True, stable=True)
+
+    @property
+    def exact_mass(self) -> bool:
+        return self.bound == "exact"
 
     def skip(self, tile_max, m, lsum, sigma, bound) -> torch.Tensor:
         return sigma + bound <= (1.0 - self.recall) / self.recall * lsum
