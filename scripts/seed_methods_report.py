@@ -15,6 +15,7 @@ Results go to stdout as markdown tables and to docs/figures/seed_methods_report.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -169,6 +170,34 @@ def loop_curves(q, k, v, scale, rows: torch.Tensor) -> list[dict[str, object]]:
     return result
 
 
+def blasst_density_at(points: list[dict[str, object]], target_mse: float) -> float | None:
+    """blasst's density at a given MSE, interpolated linearly in log MSE between sweep points
+    (None outside the sweep)."""
+    pts = sorted((p["mse"], p["density"]) for p in points if p["family"] == "blasst")
+    for (m0, d0), (m1, d1) in itertools.pairwise(pts):
+        if m0 <= target_mse <= m1 and m0 > 0:
+            t = math.log(target_mse / m0) / math.log(m1 / m0) if m1 > m0 else 0.0
+            return d0 + t * (d1 - d0)
+    return None
+
+
+def equal_accuracy(points: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Each recall point against blasst at the same MSE: the density blasst needs."""
+    rows = []
+    for p in points:
+        if p["family"].startswith("recall"):
+            other = blasst_density_at(points, p["mse"])
+            rows.append(
+                {
+                    "method": p["method"],
+                    "mse": p["mse"],
+                    "density": p["density"],
+                    "blasst density at same mse": "-" if other is None else other,
+                }
+            )
+    return rows
+
+
 def plot(points: list[dict[str, object]], path: Path) -> None:
     import matplotlib
 
@@ -266,6 +295,10 @@ def main() -> None:
             table(report["blasst_vs_recall"], ["method", "density", "recall", "mse"]),
             f"\n[{time.time() - start:.0f} s]",
         )
+        report["equal_accuracy"] = equal_accuracy(report["blasst_vs_recall"])
+        print("\n(c') density at equal MSE (blasst interpolated in log MSE)")
+        cols = ["method", "mse", "density", "blasst density at same mse"]
+        print(table(report["equal_accuracy"], cols))
         plot(report["blasst_vs_recall"], FIGURES / "seed_blasst_vs_recall.png")
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / "seed_methods_report.json"
