@@ -1,6 +1,7 @@
 """DFSAttn: hierarchical tile->block scores, curve reordering, the mask cache over steps."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -173,3 +174,17 @@ def test_state_reused_with_other_grid_or_heads_raises():
     with pytest.raises(ValueError, match="one DFSState per attention layer"):
         other(q, k, scale=0.2, grid=GRID, state=state)
     assert [a for _, a, _ in state.history] == ["rebuild"]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+def test_dfs_layout_runs_on_the_fused_kernel():
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (x.float().to(device) for x in grid_qkv((2, 8, 8), seed=12))
+    args = {"keep": 0.5, "grid": (2, 8, 8), "block_q": 64, "block_k": 64}
+    ref = tailattn.attention(q, k, v, "dfs+uta", backend="reference", **args)
+    out = tailattn.attention(q, k, v, "dfs+uta", backend="triton", **args)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
