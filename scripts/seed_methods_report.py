@@ -1,6 +1,6 @@
 """Measurements of the seed methods for the README (CPU, float32, sampled heads and queries).
 
-    PYTHONPATH=src python scripts/seed_methods_report.py [--preset wan-1.3b-480p] [--heads 2]
+    PYTHONPATH=src python scripts/seed_methods_report.py [--preset wan-1.3b-480p] [--heads 0,1]
 
 (a) DFSAttn: block-sparse recall at keep 0.1 with Hilbert / Gilbert / row-major order;
 (b) Rectified SpaAttn vs block-topp+uta and block-topp+blocks at matched density;
@@ -64,17 +64,17 @@ def stand_in(preset: str, heads: list[int], seed: int = 0):
 
 
 def load(preset: str, heads: list[int], seed: int):
-    """The project's generator when available (probed at run time), else the stand-in."""
+    """The project's generator (``tailattn.data.synthetic.SyntheticSource``, probed at run
+    time) when the installed tailattn has it, else the stand-in."""
     try:
-        from tailattn.data import synthetic  # type: ignore[attr-defined]
+        from tailattn.data.synthetic import SyntheticSource  # type: ignore[import-not-found]
     except ImportError:
         return stand_in(preset, heads, seed)
-    sample = getattr(synthetic, "generate", None) or getattr(synthetic, "sample", None)
-    if sample is None:
-        return stand_in(preset, heads, seed)
-    data = sample(preset, seed=seed)
-    q, k, v = (getattr(data, name)[:, heads].float() for name in ("q", "k", "v"))
-    return q, k, v, tuple(data.grid), f"tailattn.data.synthetic preset {preset}, seed {seed}"
+    source = SyntheticSource(preset=preset, seed=seed)
+    parts = [source.head(h) for h in heads]
+    q, k, v = (torch.cat([p[i] for p in parts], dim=1).float() for i in range(3))
+    kinds = ", ".join(f"{h}: {source.archetype(h)}" for h in heads)
+    return q, k, v, tuple(source.grid), f"tailattn.data.synthetic {preset}, seed {seed} ({kinds})"
 
 
 def sampled_recall(q, k, layout, blocks: list[int], scale: float) -> float:
@@ -242,13 +242,15 @@ def table(rows: list[dict[str, object]], cols: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="wan-1.3b-480p", choices=sorted(PRESETS))
-    parser.add_argument("--heads", type=int, default=2, help="heads sampled (0, 1, ...)")
+    parser.add_argument("--heads", default="0,1", help="heads sampled, comma list")
+    parser.add_argument("--heads-b", default="0", help="heads of part (b), comma list")
     parser.add_argument("--query-blocks", type=int, default=16, help="query blocks sampled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    heads = list(range(args.heads))
+    heads = [int(h) for h in args.heads.split(",")]
+    heads_b = [heads.index(int(h)) for h in args.heads_b.split(",")]
     q, k, v, grid, source = load(args.preset, heads, args.seed)
     scale = 1.0 / math.sqrt(q.shape[-1])
     n = q.shape[2]
@@ -278,10 +280,12 @@ def main() -> None:
         )
     if "b" not in skip:
         start = time.time()
-        one = [x[:, :1] for x in (q, k, v)]
+        one = [x[:, heads_b] for x in (q, k, v)]
         full = tailattn.full_attention(*one)
         report["rectified_vs_topp"] = rectified_vs_topp(*one, grid, scale, full)
-        print("\n(b) Rectified vs block-topp at matched density (head 0, all queries)")
+        print(
+            f"\n(b) Rectified vs block-topp at matched density (heads {args.heads_b}, all queries)"
+        )
         print(
             table(report["rectified_vs_topp"], ["method", "density", "mse"]),
             f"\n[{time.time() - start:.0f} s]",
