@@ -80,6 +80,20 @@ def _mean_abs_deviation(x: torch.Tensor, means: torch.Tensor, block: int) -> tor
     return (centred * valid).sum(dim=3) / sizes
 
 
+@dataclass(frozen=True)
+class RectifiedPlan:
+    """What Rectified computes before attending, per query block in the curve order.
+
+    ``layout``: the critical blocks S (with the curve permutation); ``rescale``: R
+    (B, H, Mq); ``compensation``: C (B, H, Mq, Dv); ``unreliable``: G (B, H, Mq, Mk) bool.
+    """
+
+    layout: BlockLayout
+    rescale: torch.Tensor
+    compensation: torch.Tensor
+    unreliable: torch.Tensor
+
+
 @registry.selection("rectified", granularity="fused", summary="pooled reference: R*O_sparse + C")
 @dataclass(frozen=True)
 class Rectified:
@@ -136,6 +150,36 @@ class Rectified:
             mask[..., (grid[0] * grid[1] * grid[2]) // self.block_k :] = True
         return mask
 
+    def plan(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        grid: tuple[int, int, int],
+    ) -> RectifiedPlan:
+        """Steps 1-5 on validated (B, H, N, D) inputs and a checked grid."""
+        acc = accumulation_dtype(q.dtype)
+        perm = grid_order(grid, self.curve, self.text_tokens)[0].to(q.device)
+        qp, kp, vp = (permute_tokens(x, perm).to(acc) for x in (q, k, v))
+        qbar, kbar = pool_blocks(qp, self.block_q), pool_blocks(kp, self.block_k)
+        vbar = pool_blocks(vp, self.block_k)
+        mass = self.reference_mass(qbar, kbar, kp, scale)
+        critical = self.critical(mass, grid)
+        dq = _mean_abs_deviation(qp, qbar, self.block_q)
+        dk = _mean_abs_deviation(kp, kbar, self.block_k)
+        gain = (qbar @ kbar.mT).abs()
+        error = (dq @ kbar.mT).abs() + (qbar @ dk.mT).abs()
+        unreliable = ~critical & (gain <= error)
+        counted = critical | unreliable
+        n = q.shape[2]
+        return RectifiedPlan(
+            BlockLayout.from_dense(critical, n, n, self.block_q, self.block_k, perm, perm),
+            (mass * counted).sum(dim=-1),
+            (mass * ~counted) @ vbar,
+            unreliable,
+        )
+
     def attend(
         self,
         q: torch.Tensor,
@@ -161,24 +205,10 @@ class Rectified:
                 f"rectified is a self-attention method: q has {q.shape[2]} tokens but k has "
                 f"{k.shape[2]}"
             )
-        acc = accumulation_dtype(q.dtype)
-        perm = grid_order(grid, self.curve, self.text_tokens)[0].to(q.device)
-        qp, kp, vp = (permute_tokens(x, perm).to(acc) for x in (q, k, v))
-        qbar, kbar = pool_blocks(qp, self.block_q), pool_blocks(kp, self.block_k)
-        vbar = pool_blocks(vp, self.block_k)
-        mass = self.reference_mass(qbar, kbar, kp, scale)
-        critical = self.critical(mass, grid)
-        dq = _mean_abs_deviation(qp, qbar, self.block_q)
-        dk = _mean_abs_deviation(kp, kbar, self.block_k)
-        gain = (qbar @ kbar.mT).abs()
-        error = (dq @ kbar.mT).abs() + (qbar @ dk.mT).abs()
-        unreliable = ~critical & (gain <= error)
-        counted = critical | unreliable
-        rescale = (mass * counted).sum(dim=-1)  # R_m
-        compensation = (mass * ~counted) @ vbar  # C_m
-
+        plan = self.plan(q, k, v, scale, grid)
+        layout, rescale, compensation = plan.layout, plan.rescale, plan.compensation
+        perm = layout.q_perm
         n = q.shape[2]
-        layout = BlockLayout.from_dense(critical, n, n, self.block_q, self.block_k, perm, perm)
         out, lse, stats = block_attention(
             q, k, v, layout, BlockDrop(), scale, with_stats=with_stats
         )
@@ -191,7 +221,7 @@ class Rectified:
             "density": layout.density(),
             "layout": layout,
             "rescale": float(rescale.mean()),
-            "gain_blocks": float(unreliable.to(acc).mean()),
+            "gain_blocks": float(plan.unreliable.to(rescale.dtype).mean()),
         }
         kept_stats = {name: stats[name] for name in ("density", "recall") if name in stats}
         return FusedResult(out, lse, kept_stats, info)
