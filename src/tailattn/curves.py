@@ -17,6 +17,11 @@ box, so the tokens of a block attend alike and a block's pooled score represents
 
   - a much longer than b and c (2|a| > 3|b| and 2|a| > 3|c|): two halves along a,
     ``fill(s, a', b, c)`` then ``fill(s + a', a - a', b, c)``;
+  - a roughly cubic box (every side >= 2, none more than twice another): the eight octants in
+    the 3D Hilbert order (one halving bit flips per step: 000, 001, 011, 010, 110, 111, 101,
+    100 over a, b, c); entry and exit corners of every octant come from a small search
+    (cached per box shape) such that each exit is one unit step from the next entry and each
+    octant is crossed along a side of even length where possible;
   - otherwise split b (or c when |c| > |b|) together with a, three boxes::
 
         fill(s, b', c, a')                                   a in [0, a'),  b in [0, b')
@@ -25,9 +30,9 @@ box, so the tokens of a block attend alike and a block's pooled score represents
 
   where a', b' are halves rounded to even lengths when possible (a corner-to-corner path along
   an even edge exists with unit steps). Each piece starts one unit step from where the previous
-  one ended, so the curve is a path of grid-neighbour steps except where a box degenerates to
-  odd sides, which costs a few diagonal steps. On a 2^k cube it visits boxes of 2^j points in
-  one run like the Hilbert curve.
+  one ended. On every power-of-two cube and on the Wan grids 21 x 30 x 52 and 21 x 45 x 80 all
+  steps go to a grid neighbour; grids with odd sides can force a few face-diagonal steps, and
+  no step is longer than that (L1 distance 2; tested on every grid up to 6 x 6 x 6).
 * ``none``: row-major (t, h, w), the identity.
 
 :func:`grid_order` returns the permutation of a whole sequence (video tokens along the curve,
@@ -120,6 +125,82 @@ def _half(v: tuple[int, int, int]) -> tuple[int, int, int]:
     return _scale(_sign(v), half)
 
 
+_GRAY = ((0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, 0, 0))
+"""Octants (bits along a, b, c) in the order of the 3D Hilbert curve: one bit flips per step."""
+
+Corners = tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _octant_plan(sizes: tuple[int, int, int], halves: tuple[int, int, int]) -> Corners | None:
+    """Entry and exit corners (local coordinates) of the 8 octants of a box, in Gray order.
+
+    The curve enters the box at (0, 0, 0) and leaves at (w - 1, 0, 0); each octant's piece goes
+    from its entry to its exit corner along one of its sides (its major side), and each exit is
+    one unit step from the next entry. Major sides of even length (or octants with all sides
+    odd) admit a path of unit steps; the search asks for that first, then for any plan.
+    """
+
+    def bounds(octant: tuple[int, int, int]) -> list[tuple[int, int]]:
+        return [
+            (0, halves[i] - 1) if octant[i] == 0 else (halves[i], sizes[i] - 1) for i in range(3)
+        ]
+
+    end = (sizes[0] - 1, 0, 0)
+
+    def search(i: int, entry: tuple[int, int, int], strict: bool) -> list | None:
+        box = bounds(_GRAY[i])
+        side = [hi - lo + 1 for lo, hi in box]
+        for axis in range(3):
+            if side[axis] == 1 and max(side) > 1:
+                continue
+            if strict and side[axis] % 2 and not all(x % 2 for x in side):
+                continue
+            exit_ = list(entry)
+            lo, hi = box[axis]
+            exit_[axis] = hi if entry[axis] == lo else lo
+            exit_t = (exit_[0], exit_[1], exit_[2])
+            if i == 7:
+                if exit_t == end:
+                    return [(entry, exit_t)]
+                continue
+            flip = next(j for j in range(3) if _GRAY[i][j] != _GRAY[i + 1][j])
+            up = _GRAY[i + 1][flip] == 1
+            if exit_[flip] != (box[flip][1] if up else box[flip][0]):
+                continue
+            nxt = list(exit_)
+            nxt[flip] += 1 if up else -1
+            rest = search(i + 1, (nxt[0], nxt[1], nxt[2]), strict)
+            if rest is not None:
+                return [(entry, exit_t), *rest]
+        return None
+
+    plan = search(0, (0, 0, 0), True) or search(0, (0, 0, 0), False)
+    return tuple(plan) if plan else None
+
+
+def _octants(
+    out: list[tuple[int, int, int]],
+    s: tuple[int, int, int],
+    axes: tuple[tuple[int, int, int], ...],
+    plan: Corners,
+    sizes: tuple[int, int, int],
+    halves: tuple[int, int, int],
+) -> None:
+    """Fill the 8 octants of the box (s; axes) along ``plan`` (:func:`_octant_plan`)."""
+    units = [_sign(v) for v in axes]
+    for octant, (entry, exit_) in zip(_GRAY, plan, strict=True):
+        lengths = [halves[i] if octant[i] == 0 else sizes[i] - halves[i] for i in range(3)]
+        lows = [0 if octant[i] == 0 else halves[i] for i in range(3)]
+        start = _add(s, *(_scale(units[i], entry[i]) for i in range(3)))
+        vecs = [
+            _scale(units[i], lengths[i] if entry[i] == lows[i] else -lengths[i]) for i in range(3)
+        ]
+        major = next((i for i in range(3) if entry[i] != exit_[i]), 0)
+        others = sorted((i for i in range(3) if i != major), key=lambda i: -lengths[i])
+        _fill(out, start, vecs[major], vecs[others[0]], vecs[others[1]])
+
+
 def _fill(
     out: list[tuple[int, int, int]],
     s: tuple[int, int, int],
@@ -147,6 +228,12 @@ def _fill(
         _fill(out, s, a2, b, c)
         _fill(out, _add(s, a2), rest_a, b, c)
         return
+    if min(h, d) >= 2 and max(w, h, d) <= 2 * min(w, h, d):
+        sizes, halves = (w, h, d), (_length(a2), _length(_half(b)), _length(_half(c)))
+        plan = _octant_plan(sizes, halves)
+        if plan is not None:
+            _octants(out, s, (a, b, c), plan, sizes, halves)
+            return
     if h >= d:
         db, b2 = _sign(b), _half(b)
         _fill(out, s, b2, c, a2)
