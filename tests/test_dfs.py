@@ -155,6 +155,10 @@ def test_bad_inputs():
         DFS(tile=24)
     with pytest.raises(ValueError, match="same, non-zero length"):
         DFS(rebuild="10/20", keeps="0.3")
+    with pytest.raises(ValueError, match="sequence such as"):
+        DFS(rebuild="12/x", keeps="0.3/0.2")
+    with pytest.raises(ValueError, match="sequence such as"):
+        DFS(rebuild=True, keeps=0.3)
     with pytest.raises(ValueError, match="increasing"):
         DFS(rebuild=(20, 10), keeps=(0.3, 0.2))
     with pytest.raises(TypeError, match="DFSState"):

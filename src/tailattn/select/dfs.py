@@ -80,6 +80,8 @@ def tile_block_scores(
 
 def _tuple_of(value: object, cast: type, name: str) -> tuple:
     """A tuple from a tuple/list or a ``"a/b/c"`` string (spec strings cannot hold tuples)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a sequence such as 12/24/36, got {value!r}")
     items = value.split("/") if isinstance(value, str) else value
     if isinstance(value, (int, float)):
         items = (value,)
