@@ -121,3 +121,13 @@ def test_bad_inputs(qkv):
         Recall(bound="loose")
     with pytest.raises(ValueError, match="takes no parameter 'keep'"):
         tailattn.attention(q, k, v, "blasst", keep=0.1)
+
+
+def test_layout_of_sampled_query_tiles_matches_the_full_walk(qkv):
+    q, k, v = qkv
+    sel = Recall(recall=0.9, bound="exact", block_q=32, block_k=32)
+    full = sel.layout(q, k, v, scale=32**-0.5).to_dense()
+    blocks = torch.tensor([1, 5, 6])
+    part = sel.layout(q, k, v, scale=32**-0.5, query_blocks=blocks).to_dense()
+    assert torch.equal(part[:, :, blocks], full[:, :, blocks])
+    assert bool(part[:, :, [0, 2, 3, 4, 7]].all())

@@ -161,6 +161,33 @@ class TileLoop(abc.ABC):
             skipped[:, :, rows] = sigma / lsum
         return LoopResult(out, lse, kept, skipped)
 
+    def layout(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        query_blocks: torch.Tensor | None = None,
+    ) -> BlockLayout:
+        """The loop's decisions as a layout: the key tiles each query tile computed.
+
+        With ``query_blocks`` (1-D ids) only those query tiles walk the loop, the others are
+        marked as keeping every key tile (for callers that look at a sample of rows only).
+        """
+        acc = accumulation_dtype(q.dtype)
+        n_q, n_k = q.shape[2], k.shape[2]
+        if query_blocks is None:
+            kept = self.walk(q.to(acc), k.to(acc), v.to(acc), scale).kept
+            return BlockLayout.from_dense(kept, n_q, n_k, self.block_q, self.block_k)
+        bq = self.block_q
+        rows = torch.cat([torch.arange(m * bq, min(m * bq + bq, n_q)) for m in query_blocks])
+        part = self.walk(q[:, :, rows].to(acc), k.to(acc), v.to(acc), scale).kept
+        b, h = q.shape[:2]
+        kept = torch.ones(b, h, num_blocks(n_q, bq), part.shape[-1], dtype=torch.bool)
+        kept[:, :, query_blocks.to(torch.int64)] = part.cpu()
+        return BlockLayout.from_dense(kept.to(q.device), n_q, n_k, bq, self.block_k)
+
     def attend(
         self,
         q: torch.Tensor,
