@@ -74,17 +74,20 @@ def attention(
             ``"topp(p=0.9)+bins8"``, or a :class:`~tailattn.methods.Method`.
         keep: keep ratio in (0, 1] for budgeted selections (fraction of keys kept per query, or
             of key blocks per query block for block selections).
-        grid: latent video grid (T, H, W) with T * H * W = Nk, for grid-based methods (``radial``,
-            ``window``); checked when given.
+        grid: latent video grid (T, H, W) with T * H * W = Nk (plus the method's
+            ``text_tokens``, kept last), for grid-based methods (``radial``, ``window``,
+            ``dfs``, ``rectified``); checked when given.
         layout: ``"bhnd"`` or ``"bnhd"``.
         scale: logit scale s, default 1/sqrt(D).
         return_info: also return a dict with ``method`` (canonical spec), ``density`` (measured
             kept fraction), ``lse`` (B, H, Nq), and for oracle and block methods the mean and
             per-head ``recall``, ``budget``, ``tail_mass_error`` and ``implied_tv``; block methods
-            add ``layout``, the :class:`~tailattn.layout.BlockLayout` they ran.
+            add ``layout``, the :class:`~tailattn.layout.BlockLayout` they ran; fused methods
+            (``blasst``, ``recall``, ``rectified``) add their own entries (see their classes).
         state: per-layer state for selections that keep some across calls (an
             :class:`~tailattn.select.SVG2State` for ``svg2``: k-means centroids to warm-start
-            from); selections without state ignore it.
+            from; a :class:`~tailattn.select.DFSState` for ``dfs``: the mask cache over
+            diffusion steps); selections without state ignore it.
         backend: for block methods, ``"triton"`` (the fused kernel: CUDA, or the Triton
             interpreter), ``"reference"`` (PyTorch, any device), or ``None`` to use the kernel
             whenever it can run these inputs (CUDA, Triton installed, block sizes 64/128, head
@@ -109,7 +112,7 @@ def attention(
     q4, k4, v4 = check_qkv(q, k, v, layout)
     s = check_scale(scale, q4.shape[-1])
     if grid is not None:
-        check_grid(grid, k4.shape[2])
+        check_grid(grid, k4.shape[2], getattr(bound.selection, "text_tokens", 0))
 
     info: dict[str, Any] = {"method": bound.method.spec}
     if bound.granularity == "dense":
@@ -121,6 +124,13 @@ def attention(
         )
         out = out.to(q4.dtype)
         _add_stats(info, stats)
+    elif bound.granularity == "fused":
+        result = bound.selection.attend(
+            q4, k4, v4, bound.tail, scale=s, grid=grid, state=state, with_stats=return_info
+        )
+        out, lse = result.out.to(q4.dtype), result.lse
+        _add_stats(info, result.stats)
+        info.update(result.info)
     else:
         block_layout = bound.selection(q4, k4, scale=s, grid=grid, state=state)
         if _use_kernel(backend, q4, v4, block_layout, bound.method.tail):

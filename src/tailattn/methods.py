@@ -14,8 +14,10 @@ The budget of budgeted selections (``topk`` and the block methods) is the keep r
 
 Selections and tails come in granularities: ``token`` selections see exact logits (oracle
 policies) and pair with token tails; ``block`` selections produce a block layout and pair with
-block tails. Modules register their classes with :data:`registry`; later parts of the library
-add methods without touching this file.
+block tails; ``fused`` selections run the attention themselves, because their decisions are
+made during the computation (the in-loop skipping of ``blasst``/``recall``, Rectified
+SpaAttn's rescaling), and pair with block tails. Modules register their classes with
+:data:`registry`; later parts of the library add methods without touching this file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GRANULARITIES = ("dense", "token", "block")
+GRANULARITIES = ("dense", "token", "block", "fused")
 
 _ARGS = r"\s*(?:\((?P<args>[^()]*)\))?\s*$"
 _SELECTION_PART = re.compile(r"^\s*(?P<name>[a-z][a-z0-9_-]*)" + _ARGS)
@@ -220,7 +222,7 @@ class Registry:
             )
         sel_entry = self._selections[m.selection]
         gran = sel_entry.granularity
-        tail_gran = "token" if gran == "dense" else gran
+        tail_gran = {"dense": "token", "fused": "block"}.get(gran, gran)
         tail_entry = self._tails.get((m.tail, tail_gran))
         if tail_entry is None:
             known = ", ".join(self.tails(tail_gran))
