@@ -9,7 +9,7 @@ noise level per clip ``t = sigmoid(n)``, ``n ~ N(0, 1)`` (logit-normal), and
 with the label replaced by the null label for 10% of the clips (classifier-free guidance).
 AdamW (lr warm-up over the first 200 steps, then cosine decay to 10% over the wall-clock budget),
 gradient clipping at 1, bf16 autocast on CUDA, an exponential moving average of the weights
-(decay ``min(0.9995, (1 + n) / (10 + n))`` after n updates): the EMA weights are the ones saved.
+(decay ``min(0.999, (1 + n) / (10 + n))`` after n updates): the EMA weights are the ones saved.
 
 Training stops by wall clock so that the whole run, including saving the weights and sampling
 the frame strip, ends within ``--minutes``. ``DIR`` receives the weight shards and
@@ -50,10 +50,11 @@ class Settings:
     weight_decay: float = 0.01
     warmup: int = 200
     label_dropout: float = 0.1
-    ema_max: float = 0.9995
+    ema_max: float = 0.999
     seed: int = 0
     max_steps: int | None = None
     log_every: int = 25
+    strip_steps: int = SAMPLING["steps"]
 
 
 def _lr_factor(step: int, fraction: float, warmup: int) -> float:
@@ -68,7 +69,7 @@ def _reserve_seconds(settings: Settings, step_seconds: float) -> float:
     about ``steps * 2 * labels / (3 * batch)`` training steps (a training step is about three
     forward passes of ``batch`` clips, a guided sampling step one of ``2 * labels``), plus a
     margin of 50% and 10 s."""
-    sampling = SAMPLING["steps"] * 2 * len(data.SHAPES) / (3 * settings.batch)
+    sampling = settings.strip_steps * 2 * len(data.SHAPES) / (3 * settings.batch)
     return 1.5 * sampling * step_seconds + 10.0
 
 
@@ -92,6 +93,7 @@ def flow_matching_loss(
 
 
 def _plot_loss(log: dict[str, list[float]], path: Path) -> None:
+    """The loss curve as a PNG (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +128,15 @@ def train(settings: Settings, out: Path) -> Path:
     gen = torch.Generator(device).manual_seed(settings.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log: dict[str, list[float]] = {"step": [], "seconds": [], "loss": []}
-    window = torch.zeros((), device=device)
+    window, in_window = torch.zeros((), device=device), 0
+
+    def flush() -> None:
+        log["step"].append(step)
+        log["seconds"].append(round(time.perf_counter() - start, 2))
+        log["loss"].append(float(window) / in_window)
+        window.zero_()
+        print(f"step {step:6d}  {log['seconds'][-1]:7.1f} s  loss {log['loss'][-1]:.4f}")
+
     step, step_seconds = 0, 0.0
     while (settings.max_steps is None or step < settings.max_steps) and (
         time.perf_counter() - start + step_seconds + _reserve_seconds(settings, step_seconds)
@@ -146,24 +156,20 @@ def train(settings: Settings, out: Path) -> Path:
         decay = min(settings.ema_max, (1 + step) / (10 + step))
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         window += loss.detach()
-        step += 1
+        step, in_window = step + 1, in_window + 1
         took = time.perf_counter() - began
         step_seconds = took if step <= 2 else 0.9 * step_seconds + 0.1 * took
-        if step % settings.log_every == 0:
-            log["step"].append(step)
-            log["seconds"].append(round(time.perf_counter() - start, 2))
-            log["loss"].append(float(window) / settings.log_every)
-            window.zero_()
-            print(f"step {step:6d}  {log['seconds'][-1]:7.1f} s  loss {log['loss'][-1]:.4f}")
-    if not log["loss"]:
-        raise RuntimeError(
-            f"training ran {step} steps, fewer than one logging window ({settings.log_every}); "
-            f"give it more minutes"
-        )
+        if in_window == settings.log_every:
+            flush()
+            in_window = 0
+    if in_window:
+        flush()
+    if step == 0:
+        raise RuntimeError(f"no training step fits in {settings.minutes} minutes")
     seconds = time.perf_counter() - start
     tail = log["loss"][-4:]
     card = {
-        "model": "tailattn toy Wan (diffusers WanTransformer3DModel), pixel space, label-conditioned",
+        "model": "tailattn toy: diffusers WanTransformer3DModel, pixel space, label-conditioned",
         "data": {
             "generator": "tailattn.toy.data.clips",
             "shapes": list(data.SHAPES),
@@ -185,21 +191,20 @@ def train(settings: Settings, out: Path) -> Path:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         },
-        "sampling": SAMPLING,
+        "sampling": {**SAMPLING, "steps": settings.strip_steps},
         "samples": "samples.png",
     }
     out.mkdir(parents=True, exist_ok=True)
     card_path = weights.save(ema, out, card)
-    loss_path = out / "loss.json"
-    loss_path.write_text(json.dumps(log) + "\n")
-    _plot_loss(log, out / "loss.png")
+    (out / "loss.json").write_text(json.dumps(log) + "\n")
     labels = torch.arange(len(data.SHAPES), device=device)
     x = noise(
         settings.seed, len(data.SHAPES), (data.CHANNELS, data.FRAMES, data.SIZE, data.SIZE), device
     )
     with autocast:
-        clips = sample(ema, x, labels, **SAMPLING)
-    save_strip(clips.float(), out / "samples.png", [f"{s}" for s in data.SHAPES])
+        clips = sample(ema, x, labels, **{**SAMPLING, "steps": settings.strip_steps})
+    save_strip(clips.float(), out / "samples.png", list(data.SHAPES))
+    _plot_loss(log, out / "loss.png")
     print(
         f"trained {step} steps ({step * settings.batch} clips) in {seconds:.0f} s; final loss "
         f"{card['training']['final_loss']:.4f}; wrote {card_path.parent} "
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--strip-steps", type=int, default=SAMPLING["steps"])
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         max_steps=args.max_steps,
         log_every=args.log_every,
+        strip_steps=args.strip_steps,
     )
     train(settings, args.out)
 
