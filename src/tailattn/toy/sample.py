@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -87,14 +88,14 @@ class Comparison:
     step i and exact attention of the same q, k, v (the error the method makes at that step).
     ``mse_vs_dense[i]``: mean over layers of the MSE between the sparse run's attention output
     and the dense run's at step i (the error accumulated along the trajectory).
+    ``calls``: the handle's ``LayerCall`` log (which steps and layers ran dense).
     """
 
     dense: torch.Tensor
     sparse: torch.Tensor
     mse_local: list[float]
     mse_vs_dense: list[float]
-    sparse_calls: int
-    calls: int
+    calls: tuple[Any, ...]
 
 
 @torch.no_grad()
@@ -135,11 +136,4 @@ def dense_and_sparse(
         calls = handle.calls
     finally:
         handle.remove()
-    return Comparison(
-        x_dense,
-        x_sparse,
-        probe.mse_local,
-        probe.mse_vs_dense,
-        sum(not call.dense for call in calls),
-        len(calls),
-    )
+    return Comparison(x_dense, x_sparse, probe.mse_local, probe.mse_vs_dense, calls)
