@@ -21,11 +21,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..methods import Method, registry
 from . import data
 from .pipeline import DEFAULT_SHIFT, label_of
 from .quality import psnr, ssim
 from .sample import Comparison, dense_and_sparse
 from .strip import save_animation, side_by_side
+
+DEFAULT_KEEP = 0.1
+
+
+def keep_for(method: str, keep: float | None) -> float | None:
+    """``keep``, or :data:`DEFAULT_KEEP` for a method whose selection takes a keep ratio and
+    ``None`` for one that does not (``full``, ``topp``...).
+
+    Raises:
+        ValueError: an unparsable spec or an unknown selection.
+    """
+    if keep is not None:
+        return keep
+    selection = Method.parse(method).selection
+    entry = registry.selections().get(selection)
+    if entry is None:
+        raise ValueError(
+            f"unknown selection {selection!r} in method {method!r}; known: "
+            f"{', '.join(registry.selections())}"
+        )
+    return DEFAULT_KEEP if "keep" in entry.params else None
 
 
 def _print_report(console: Console, result: Comparison, seconds: float) -> None:
@@ -58,8 +80,8 @@ def generate_command(
         "block-topk+uta"
     ),
     keep: Annotated[
-        float | None, typer.Option(help="keep ratio (budgeted methods; omit for 'full')")
-    ] = 0.1,
+        float | None, typer.Option(help=f"keep ratio of budgeted methods (default {DEFAULT_KEEP})")
+    ] = None,
     steps: Annotated[int, typer.Option(help="diffusion steps")] = 20,
     warmup_steps: Annotated[
         int | None, typer.Option(help="dense first steps (default a quarter of --steps)")
@@ -68,6 +90,10 @@ def generate_command(
     label: Annotated[str, typer.Option(help=f"shape: {', '.join(data.SHAPES)}")] = "disc",
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 1.0,
     shift: Annotated[float, typer.Option(help="shift of the sampling schedule")] = DEFAULT_SHIFT,
+    frames: Annotated[int, typer.Option(help="frames (the model was trained on 16)")] = (
+        data.FRAMES
+    ),
+    size: Annotated[int, typer.Option(help="height = width, even (trained on 32)")] = data.SIZE,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default cuda when available)")
     ] = None,
@@ -86,8 +112,13 @@ def generate_command(
     warmup = steps // 4 if warmup_steps is None else warmup_steps
     if not 0 <= warmup <= steps:
         raise typer.BadParameter(f"--warmup-steps must be in [0, {steps}], got {warmup}")
+    if frames < 1 or size < 2 or size % 2:
+        raise typer.BadParameter(
+            f"--frames must be at least 1 and --size even and at least 2, got {frames}, {size}"
+        )
     try:
         index = label_of(label)
+        keep = keep_for(method, keep)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +147,7 @@ def generate_command(
                 shift=shift,
                 guidance=guidance,
                 warmup_steps=warmup,
+                size=(frames, size, size),
                 on_step=lambda _: progress.advance(task),
             )
     except (TypeError, ValueError) as err:

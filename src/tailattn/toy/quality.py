@@ -5,7 +5,8 @@ Between videos (B, 3, F, H, W) in [-1, 1], compared in [0, 1] (``y = (x + 1) / 2
 - ``psnr = 10 log10(1 / mean((y - y*)^2))`` in dB over the whole video (inf when identical);
 - ``ssim``: the mean over frames and channels of the SSIM map
   ``(2 mu mu* + C1)(2 s_xy + C2) / ((mu^2 + mu*^2 + C1)(s^2 + s*^2 + C2))`` with an 11 x 11
-  Gaussian window (sigma 1.5), ``C1 = 0.01^2``, ``C2 = 0.03^2`` (Wang et al. 2004), valid part.
+  Gaussian window (sigma 1.5; smaller on frames under 11 px), ``C1 = 0.01^2``,
+  ``C2 = 0.03^2`` (Wang et al. 2004), over the valid part of the frame.
 
 Quality of the model (measured, not asserted): a small frame classifier (:class:`ShapeClassifier`)
 trained on the data generator recognises the shape kind of a frame; a video's prediction is the
@@ -58,7 +59,8 @@ def ssim(video: torch.Tensor, reference: torch.Tensor) -> float:
     _check_pair(video, reference)
     x = _unit(video).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None]  # (B F 3, 1, H, W)
     y = _unit(reference).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None]
-    window = _gaussian_window().to(x.device)
+    size = min(11, x.shape[-1], x.shape[-2])
+    window = _gaussian_window(size - (size + 1) % 2).to(x.device)
     mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
     var_x = F.conv2d(x * x, window) - mu_x**2
     var_y = F.conv2d(y * y, window) - mu_y**2

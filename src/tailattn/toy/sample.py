@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import data
 from .model import ToyModel
 from .probe import AttentionProbe
 
@@ -110,14 +111,16 @@ def dense_and_sparse(
     shift: float,
     guidance: float = 1.0,
     warmup_steps: int = 0,
+    size: tuple[int, int, int] = (data.FRAMES, data.SIZE, data.SIZE),
     on_step: Callable[[int], None] | None = None,
 ) -> Comparison:
     """Sample densely with ``model`` and sparsely with a copy under ``apply(copy, method, keep,
-    warmup_steps=...)`` in lockstep from the same noise (seed ``seed``)."""
+    warmup_steps=...)`` in lockstep from the same noise (seed ``seed``) at ``size`` (frames,
+    height, width; the model was trained at 16 x 32 x 32)."""
     from ..integrations.diffusers import apply
 
     device = next(model.parameters()).device
-    x_dense = noise(seed, labels.shape[0], (3, 16, 32, 32), device)
+    x_dense = noise(seed, labels.shape[0], (data.CHANNELS, *size), device)
     x_sparse = x_dense.clone()
     sparse_model = copy.deepcopy(model)
     levels = sigmas(steps, shift).tolist()
