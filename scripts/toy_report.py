@@ -60,7 +60,8 @@ def runs(
     selections: list[str], keeps: list[float], tails: list[str]
 ) -> list[tuple[str, float | None]]:
     """The (spec, keep) pairs to measure: registered selections only, each with the tails of its
-    granularity; selections without a keep ratio run once with their default parameters."""
+    granularity; selections without a keep ratio run once with their default parameters. Sorted
+    by keep, then tail, then selection, so the smallest keep with drop and uta comes first."""
     known = registry.selections()
     chosen = []
     for name in selections:
@@ -71,8 +72,15 @@ def runs(
         granularity = "token" if entry.granularity == "dense" else entry.granularity
         usable = [t for t in tails if t in registry.tails(granularity)]
         budgets: list[float | None] = list(keeps) if "keep" in entry.params else [None]
-        chosen += [(f"{name}+{tail}", keep) for keep in budgets for tail in usable]
-    return chosen
+        chosen += [(name, tail, keep) for keep in budgets for tail in usable]
+    chosen.sort(
+        key=lambda c: (
+            -1.0 if c[2] is None else c[2],
+            tails.index(c[1]),
+            selections.index(c[0]),
+        )
+    )
+    return [(f"{name}+{tail}", keep) for name, tail, keep in chosen]
 
 
 def measure(
@@ -163,7 +171,7 @@ def _number(value: float, digits: int = 2) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict], info: dict, model_q: dict) -> str:
+def markdown(rows: list[dict], info: dict, model_q: dict, skipped: list[str]) -> str:
     lines = [
         "# Toy model: sparse attention end to end",
         "",
@@ -182,6 +190,8 @@ def markdown(rows: list[dict], info: dict, model_q: dict) -> str:
             f"{r['mse_local_mean']:.3e} | {r['mse_vs_dense_mean']:.3e} | "
             f"{r['accuracy_sparse']:.2f} |"
         )
+    if skipped:
+        lines += ["", *(f"- skipped: {line}" for line in skipped)]
     lines += ["", "## Model quality", "", "| measure | value |", "| --- | --- |"]
     lines += [
         f"| {key} | {value if isinstance(value, int) else f'{value:.4f}'} |"
@@ -223,6 +233,17 @@ def figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write(out: Path, info: dict, model_q: dict, rows: list[dict], skipped: list[str]) -> None:
+    """The report files so far (rewritten after every measured method)."""
+    (out / "toy_report.md").write_text(markdown(rows, info, model_q, skipped))
+    (out / "toy_report.json").write_text(
+        json.dumps({"info": info, "quality": model_q, "rows": rows, "skipped": skipped}, indent=1)
+        + "\n"
+    )
+    if rows:
+        figure(rows, out / "toy_fig8b.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=tuple(PRESETS), default="gpu")
@@ -238,39 +259,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--weights", type=Path)
+    parser.add_argument(
+        "--max-minutes", type=float, default=4.0, help="start no new method after this"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     model = weights.load(args.weights, args.device)
     card = weights.read_card(args.weights)
-    start = time.perf_counter()
     classifier = quality.train_classifier(args.classifier_steps, device=args.device)
-    print(f"classifier trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"classifier trained at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    model_q = model_quality(model, classifier, args, args.device)
+    print(f"model quality at {time.perf_counter() - start:.0f} s: {model_q}", file=sys.stderr)
     labels = torch.arange(len(data.SHAPES), device=args.device).repeat(args.clips_per_label)
     plan = runs(
         args.selections.split(","),
         [float(k) for k in args.keeps.split(",")],
         args.tails.split(","),
     )
-    rows = []
-    for index, (spec, keep) in enumerate(plan):
-        try:
-            row = measure(model, classifier, spec, keep, labels, args)
-        except (TypeError, ValueError) as err:
-            print(f"[{index + 1}/{len(plan)}] {spec} keep={keep}: skipped ({err})", file=sys.stderr)
-            continue
-        rows.append(row)
-        print(
-            f"[{index + 1}/{len(plan)}] {spec} keep={keep}: PSNR {_number(row['psnr'])} "
-            f"SSIM {row['ssim']:.4f} MSE {row['mse_local_mean']:.3e} "
-            f"({row['seconds']:.1f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    model_q = model_quality(model, classifier, args, args.device)
     info = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
@@ -280,15 +290,32 @@ def main() -> None:
         "guidance": args.guidance,
         "clips": int(labels.numel()),
         "seed": args.seed,
-        "seconds": round(time.perf_counter() - start, 1),
     }
-    (args.out / "toy_report.md").write_text(markdown(rows, info, model_q))
-    (args.out / "toy_report.json").write_text(
-        json.dumps({"info": info, "quality": model_q, "rows": rows}, indent=1) + "\n"
-    )
-    if rows:
-        figure(rows, args.out / "toy_fig8b.png")
-    print(markdown(rows, info, model_q))
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for index, (spec, keep) in enumerate(plan):
+        if time.perf_counter() - start > 60 * args.max_minutes:
+            skipped += [f"{s} keep={k}: out of time" for s, k in plan[index:]]
+            break
+        try:
+            row = measure(model, classifier, spec, keep, labels, args)
+        except (TypeError, ValueError, RuntimeError) as err:
+            skipped.append(f"{spec} keep={keep}: {type(err).__name__}: {err}")
+            print(f"[{index + 1}/{len(plan)}] {skipped[-1]}", file=sys.stderr)
+            continue
+        rows.append(row)
+        print(
+            f"[{index + 1}/{len(plan)}] {spec} keep={keep}: PSNR {_number(row['psnr'])} "
+            f"SSIM {row['ssim']:.4f} MSE {row['mse_local_mean']:.3e} "
+            f"({row['seconds']:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        write(args.out, info, model_q, rows, skipped)
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    write(args.out, info, model_q, rows, skipped)
+    print(markdown(rows, info, model_q, skipped))
 
 
 if __name__ == "__main__":

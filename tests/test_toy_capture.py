@@ -14,6 +14,7 @@ from tailattn.integrations.diffusers import capture
 from tailattn.integrations.diffusers import cli as capture_cli
 from tailattn.toy.capture import default_steps, write_toy_capture
 from tailattn.toy.pipeline import load_pipeline
+from toy_tiny import tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = {"num_frames": 2, "height": 8, "width": 8}
@@ -59,16 +60,20 @@ def test_captured_qkv_reproduce_the_attention_outputs():
         torch.testing.assert_close(exact, outputs[(layer, step)], rtol=1e-5, atol=1e-5)
 
 
-def test_write_toy_capture_file(tmp_path):
+def test_write_toy_capture_file(tmp_path, tiny_weights):  # noqa: F811
+    """A 3-step capture of the tiny toy model on the full 16 x 16 x 16 grid: each entry's exact
+    attention is the attention output of that step in a second, identical run."""
     capture_format = pytest.importorskip(
         "tailattn.data.capture", reason="the capture file format lands with the study issue"
     )
-    path = write_toy_capture(tmp_path / "toy.safetensors", seed=1, steps=3, layers=[0])
+    path = write_toy_capture(
+        tmp_path / "toy.safetensors", seed=1, steps=3, layers=[0], weights=tiny_weights
+    )
     loaded = capture_format.load_capture(path)
     assert [(e.layer, e.step) for e in loaded.entries] == [(0, s) for s in default_steps(3)]
     assert tuple(loaded.meta["grid"]) == (16, 16, 16)
     assert loaded.meta["model"] == "toy"
-    pipe = load_pipeline()
+    pipe = load_pipeline(weights=tiny_weights)
     outputs, hooks = _attention_outputs(pipe)
     try:
         pipe("disc", num_inference_steps=3, generator=torch.Generator().manual_seed(1))

@@ -15,14 +15,15 @@ from tailattn.toy import quality, weights
 from tailattn.toy.cli import DEFAULT_KEEP, generate_command, keep_for
 from tailattn.toy.pipeline import label_of
 from tailattn.toy.sample import dense_and_sparse, sigmas
+from toy_tiny import tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = (4, 16, 16)  # frames, height, width: 256 tokens (4 blocks of 64), fast on a CPU
 
 
-@pytest.fixture(scope="module")
-def model():
-    return weights.load()
+@pytest.fixture
+def model(tiny_weights):  # noqa: F811
+    return weights.load(tiny_weights)
 
 
 def test_sigmas_run_from_one_to_zero_and_shift_moves_them_up():
@@ -119,8 +120,9 @@ def test_generate_full_gives_identical_videos(app, tmp_path):
     assert len(gifs) == 1 and gifs[0].stat().st_size > 0
 
 
-def test_generate_sparse_prints_error_per_step(app, tmp_path):
-    result = _generate(app, tmp_path, "--method", "radial+uta", "--keep", "0.3", "--size", "16")
+def test_generate_sparse_prints_error_per_step(app, tmp_path, tiny_weights):  # noqa: F811
+    args = ["--method", "radial+uta", "--keep", "0.3", "--size", "16"]
+    result = _generate(app, tmp_path, *args, "--weights", str(tiny_weights))
     assert result.exit_code == 0, result.output
     text = plain(result.output)
     assert "attention-output MSE per step" in text

@@ -103,7 +103,7 @@ def _plot_loss(log: dict[str, list[float]], path: Path) -> None:
     ax.plot(log["step"], log["loss"], lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss (mean of each logging window)")
+    ax.set_ylabel("loss (window mean)")
     ax.set_title("toy Wan training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
