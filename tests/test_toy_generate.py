@@ -8,6 +8,7 @@ pytest.importorskip("diffusers")
 
 import torch
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from diffusers_tiny import one_thread, plain  # noqa: F401
@@ -117,7 +118,10 @@ def test_generate_full_gives_identical_videos(app, tmp_path):
     assert "PSNR(sparse, dense) = inf dB" in plain(result.output)
     assert "SSIM = 1.0000" in plain(result.output)
     gifs = list(tmp_path.glob("cross-seed0-full.gif"))
-    assert len(gifs) == 1 and gifs[0].stat().st_size > 0
+    assert len(gifs) == 1
+    with Image.open(gifs[0]) as gif:
+        assert gif.n_frames == 4  # --frames 4
+        assert gif.size == (4 * (8 + 4 + 8), 4 * 8)  # dense, 4 px gap, sparse; 4x enlarged
 
 
 def test_generate_sparse_prints_error_per_step(app, tmp_path, tiny_weights):  # noqa: F811

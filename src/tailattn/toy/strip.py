@@ -41,7 +41,8 @@ def save_strip(
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, scale: int = 4) -> list[Image.Image]:
-    """Frames of two clips (3, F, H, W) next to each other (4 px gap), enlarged."""
+    """Frames of two clips (3, F, H, W) next to each other with a 4-pixel white gap, then
+    enlarged ``scale`` times."""
     a, b = to_uint8(left[None])[0], to_uint8(right[None])[0]
     gap = np.full((a.shape[0], a.shape[1], 4, 3), 255, dtype=np.uint8)
     both = np.concatenate([a, gap, b], axis=2)
