@@ -1,5 +1,6 @@
 """The ``tailattn`` command: ``study`` (the oracle study), ``bench`` (GPU timings) and
-``capture`` (q, k, v of a diffusers pipeline, needs the ``diffusers`` extra)."""
+``capture`` (q, k, v of a diffusers pipeline) and ``generate`` (the toy model); the last two need
+the ``diffusers`` extra."""
 
 from __future__ import annotations
 
@@ -179,28 +180,33 @@ def bench(
         write_text_atomic(json_file, json.dumps([r.as_dict() for r in rows], indent=1))
 
 
-def _register_capture() -> None:
-    """``tailattn capture`` when the diffusers extra is installed, else a stub that says so."""
+def _register_needing_diffusers(name: str, module: str, attribute: str, summary: str) -> None:
+    """Register ``tailattn NAME`` from ``module`` when the diffusers extra is installed, else a
+    stub that says what to install."""
+    import importlib
+
     try:
-        from .integrations.diffusers.cli import capture_command
+        command = getattr(importlib.import_module(module, __package__), attribute)
     except ImportError as err:
         missing = str(err)
 
-        @app.command(
-            "capture", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-        )
-        def capture_unavailable() -> None:
-            """Capture q, k, v of a diffusers pipeline (needs tailattn[diffusers])."""
+        def unavailable() -> None:
             Console().print(
-                f"[red]error:[/red] tailattn capture needs diffusers: pip install "
+                f"[red]error:[/red] tailattn {name} needs diffusers: pip install "
                 f"'tailattn[diffusers]' ({missing})"
             )
             raise typer.Exit(2)
 
+        unavailable.__doc__ = f"{summary} (needs tailattn[diffusers])."
+        settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+        app.command(name, context_settings=settings)(unavailable)
         return
-    app.command("capture")(capture_command)
+    app.command(name)(command)
 
 
-_register_capture()
-# `tailattn generate` (the toy model, tailattn.toy.cli.generate_command) is registered here
-# when the toy model lands.
+_register_needing_diffusers(
+    "capture", ".integrations.diffusers.cli", "capture_command", "Capture q, k, v of a pipeline"
+)
+_register_needing_diffusers(
+    "generate", ".toy.cli", "generate_command", "Dense vs sparse video from the toy model"
+)

@@ -20,6 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .capture import capture
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOY = "toy"
+"""``--model toy``: the project's toy video DiT, shipped with the package."""
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -49,7 +51,12 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def _load_pipeline(model: str, dtype: torch.dtype, device: str) -> Any:
-    """A diffusers pipeline from a local directory (or a hub id), on ``device``."""
+    """A diffusers pipeline from a local directory (or a hub id), on ``device``; ``toy``: the
+    project's toy model (``tailattn.toy.pipeline``)."""
+    if model == TOY:
+        from ...toy.pipeline import load_pipeline
+
+        return load_pipeline(dtype, device)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
@@ -58,7 +65,10 @@ def _load_pipeline(model: str, dtype: torch.dtype, device: str) -> Any:
 
 def capture_command(
     model: Annotated[
-        str, typer.Option(help="diffusers pipeline: a local directory (or a Hugging Face id)")
+        str,
+        typer.Option(
+            help="diffusers pipeline: a local directory (or a Hugging Face id), or 'toy'"
+        ),
     ],
     prompt: Annotated[str, typer.Option(help="text prompt")],
     out: Annotated[Path, typer.Option(help="capture file to write (.safetensors)")],
@@ -91,7 +101,7 @@ def capture_command(
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if num_steps < 1:
         raise typer.BadParameter(f"--num-steps must be at least 1, got {num_steps}")
-    if not Path(model).is_dir() and not _looks_like_hub_id(model):
+    if model != TOY and not Path(model).is_dir() and not _looks_like_hub_id(model):
         raise typer.BadParameter(f"--model {model!r} is neither a directory nor a hub id")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = _load_pipeline(model, DTYPES[dtype], device)

@@ -1,0 +1,109 @@
+r"""Attention-output error per diffusion step of a sparse run (the paper's Fig. 8b).
+
+Two Wan transformers run in lockstep, a dense one (stock processors) and a sparse one (under a
+tailattn ``Handle``). The self-attention output of each layer, ``o`` (B, N, H * D), is read
+where Wan's processor hands it to the output projection (a forward pre-hook on
+``blocks[l].attn1.to_out[0]``; nothing in the model is replaced). Per step ``i``:
+
+- ``mse_local[i] = mean_l mean((o^sparse_l - A(q_l, k_l, v_l))^2)``, with ``A`` exact attention
+  of the sparse run's own q, k, v (seen by a handle observer): the error of the method alone;
+- ``mse_vs_dense[i] = mean_l mean((o^sparse_l - o^dense_l)^2)``: sparse against the dense run at
+  the same step, which includes the error carried along the trajectory.
+
+Layers that run dense (warm-up steps, dense layers) count with their (zero) error. One step is
+one transformer call per model (guidance branches batched); :meth:`end_step` closes a step.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionProbe:
+    """Records per-step attention-output MSE (module docstring); a context manager."""
+
+    def __init__(self, dense: torch.nn.Module, sparse: torch.nn.Module, handle: Any) -> None:
+        self.mse_local: list[float] = []
+        self.mse_vs_dense: list[float] = []
+        self._handle = handle
+        self._dense_out: dict[int, torch.Tensor] = {}
+        self._exact: dict[int, torch.Tensor] = {}
+        self._local: list[float] = []
+        self._trajectory: list[float] = []
+        self._hooks = []
+        for layer, block in enumerate(dense.blocks):
+            self._hooks.append(
+                block.attn1.to_out[0].register_forward_pre_hook(self._dense_hook(layer))
+            )
+        for layer, block in enumerate(sparse.blocks):
+            self._hooks.append(
+                block.attn1.to_out[0].register_forward_pre_hook(self._sparse_hook(layer))
+            )
+
+    def _dense_hook(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self._dense_out[layer] = args[0].detach().float()
+
+        return hook
+
+    def _sparse_hook(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            out = args[0].detach().float()
+            exact = self._exact.pop(layer)
+            self._local.append(float(((out - exact) ** 2).mean()))
+            dense = self._dense_out.pop(layer)
+            self._trajectory.append(float(((out - dense) ** 2).mean()))
+
+        return hook
+
+    def observe(
+        self,
+        layer: int,
+        tick: object,
+        grid: tuple[int, int, int],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        order: object,
+        mask: torch.Tensor | None,
+    ) -> None:
+        """Exact attention of the sparse run's q, k, v (B, N, H, D) -> (B, N, H * D)."""
+        exact = F.scaled_dot_product_attention(
+            *(x.transpose(1, 2).float() for x in (q, k, v)), attn_mask=mask
+        )
+        self._exact[layer] = exact.transpose(1, 2).flatten(2)
+
+    def end_step(self) -> None:
+        """Close one diffusion step: average the layers' errors of this step.
+
+        Raises:
+            ValueError: no layer ran since the last step, or the two runs called different
+                layers.
+        """
+        if not self._local or self._dense_out or self._exact:
+            raise ValueError(
+                "the dense and the sparse transformer must each run once per step before end_step()"
+            )
+        self.mse_local.append(sum(self._local) / len(self._local))
+        self.mse_vs_dense.append(sum(self._trajectory) / len(self._trajectory))
+        self._local.clear()
+        self._trajectory.clear()
+
+    def __enter__(self) -> AttentionProbe:
+        self._handle.add_observer(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._handle.remove_observer(self)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

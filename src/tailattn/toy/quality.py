@@ -1,0 +1,137 @@
+r"""How good the toy model is, and how close two videos are.
+
+Between videos (B, 3, F, H, W) in [-1, 1], compared in [0, 1] (``y = (x + 1) / 2``):
+
+- ``psnr = 10 log10(1 / mean((y - y*)^2))`` in dB over the whole video (inf when identical);
+- ``ssim``: the mean over frames and channels of the SSIM map
+  ``(2 mu mu* + C1)(2 s_xy + C2) / ((mu^2 + mu*^2 + C1)(s^2 + s*^2 + C2))`` with an 11 x 11
+  Gaussian window (sigma 1.5; smaller on frames under 11 px), ``C1 = 0.01^2``,
+  ``C2 = 0.03^2`` (Wang et al. 2004), over the valid part of the frame.
+
+Quality of the model (measured, not asserted): a small frame classifier (:class:`ShapeClassifier`)
+trained on the data generator recognises the shape kind of a frame; a video's prediction is the
+argmax of its frame logits summed. :func:`label_accuracy` is the fraction of generated clips
+whose prediction is the label they were generated for (chance = 1 / 4); the classifier's own
+accuracy on fresh real clips is its calibration. :func:`motion` is the mean absolute change
+between successive frames, ``mean |y_{t+1} - y_t|``, to compare with real clips (0 for a still
+video, large for flicker).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return (x.detach().double() + 1) / 2
+
+
+def _check_pair(video: torch.Tensor, reference: torch.Tensor) -> None:
+    if video.shape != reference.shape or video.ndim != 5:
+        raise ValueError(
+            f"videos must be (B, 3, F, H, W) of equal shapes, got {tuple(video.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+
+
+def psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of ``video`` against ``reference`` (module docstring); inf when equal."""
+    _check_pair(video, reference)
+    mse = float(((_unit(video) - _unit(reference)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM of ``video`` against ``reference`` over frames and channels (module docstring);
+    1 when equal."""
+    _check_pair(video, reference)
+    x = _unit(video).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None]  # (B F 3, 1, H, W)
+    y = _unit(reference).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None]
+    size = min(11, x.shape[-1], x.shape[-2])
+    window = _gaussian_window(size - (size + 1) % 2).to(x.device)
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x = F.conv2d(x * x, window) - mu_x**2
+    var_y = F.conv2d(y * y, window) - mu_y**2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    ratio = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return float(ratio.mean())
+
+
+def motion(videos: torch.Tensor) -> float:
+    """Mean absolute change between successive frames, in [0, 1] units (module docstring)."""
+    y = _unit(videos)
+    return float((y[:, :, 1:] - y[:, :, :-1]).abs().mean())
+
+
+class ShapeClassifier(torch.nn.Module):
+    """Frames (B, 3, 32, 32) in [-1, 1] -> logits over ``data.SHAPES``; three 3 x 3 conv layers
+    with two 2 x 2 max-pools and global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1),
+            torch.nn.GELU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1),
+            torch.nn.GELU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(64, 128, 3, padding=1),
+            torch.nn.GELU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = torch.nn.Linear(128, len(data.SHAPES))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(frames).flatten(1))
+
+    @torch.no_grad()
+    def predict(self, videos: torch.Tensor) -> torch.Tensor:
+        """Shape index (B,) of videos (B, 3, F, H, W): argmax of the summed frame logits."""
+        b, c, f, h, w = videos.shape
+        frames = videos.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        return self(frames.float()).view(b, f, -1).sum(dim=1).argmax(dim=1)
+
+
+def train_classifier(
+    steps: int = 300, batch: int = 32, device: torch.device | str = "cpu", seed: int = 0
+) -> ShapeClassifier:
+    """A :class:`ShapeClassifier` trained on ``steps`` batches of 4 random frames from each of
+    ``batch`` fresh clips (cross-entropy, Adam 2e-3); deterministic for a seed on one device."""
+    torch.manual_seed(seed)
+    classifier = ShapeClassifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        clips, labels = data.clips(2_000_000_000 + seed * 100_003 + step, batch, device)
+        chosen = torch.randint(0, data.FRAMES, (batch, 4), generator=gen).to(device)
+        frames = clips.permute(0, 2, 1, 3, 4)[torch.arange(batch, device=device)[:, None], chosen]
+        loss = F.cross_entropy(
+            classifier(frames.flatten(0, 1)), labels.repeat_interleave(4)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return classifier.eval()
+
+
+def label_accuracy(
+    classifier: ShapeClassifier, videos: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Fraction of videos whose predicted shape is their label (module docstring)."""
+    return float((classifier.predict(videos) == labels.to(videos.device)).float().mean())

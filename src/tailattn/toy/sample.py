@@ -1,0 +1,142 @@
+r"""Flow-matching Euler sampling of the toy model, and dense vs sparse runs from the same noise.
+
+Schedule (Wan's shifted flow-matching schedule): ``S`` steps over ``s_i = 1 - i / S`` and
+
+    sigma_i = shift s_i / (1 + (shift - 1) s_i),   i = 0..S   (sigma_0 = 1, sigma_S = 0).
+
+Euler step from noise ``x_0 ~ N(0, I)`` at ``sigma_0 = 1`` to the clip at ``sigma_S = 0``:
+
+    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i, label),
+
+with classifier-free guidance ``v = v_null + g (v_label - v_null)`` when ``g != 1`` (both
+branches as one batch of 2B, so each step is one transformer call).
+
+:func:`dense_and_sparse` runs the dense model and a sparse copy (``apply``) in lockstep from the
+same noise and measures the attention error per step with an :class:`probe.AttentionProbe`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import data
+from .model import ToyModel
+from .probe import AttentionProbe
+
+
+def sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The ``steps + 1`` noise levels (float64) from 1 to 0 (module docstring)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def noise(
+    seed: int, batch: int, shape: tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
+    """Gaussian noise (batch, *shape) from a CPU generator: the same on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape, generator=gen).to(device)
+
+
+def velocity(
+    model: ToyModel, x: torch.Tensor, sigma: float, labels: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """The (guided) velocity at ``x`` and noise level ``sigma`` (module docstring)."""
+    t = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
+    if guidance == 1.0:
+        return model(x, t, labels)
+    null = torch.full_like(labels, model.null_label)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample(
+    model: ToyModel,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    shift: float,
+    guidance: float = 1.0,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Clips (B, 3, F, H, W) from noise ``x`` (same shape) by Euler steps (module docstring);
+    ``on_step(i)`` after each step."""
+    levels = sigmas(steps, shift).tolist()
+    for i in range(steps):
+        x = x + (levels[i + 1] - levels[i]) * velocity(model, x, levels[i], labels, guidance)
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Dense and sparse clips from the same noise, and the attention error per step.
+
+    ``mse_local[i]``: mean over layers of the MSE between the sparse run's attention output at
+    step i and exact attention of the same q, k, v (the error the method makes at that step).
+    ``mse_vs_dense[i]``: mean over layers of the MSE between the sparse run's attention output
+    and the dense run's at step i (the error accumulated along the trajectory).
+    ``calls``: the handle's ``LayerCall`` log (which steps and layers ran dense).
+    """
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    mse_local: list[float]
+    mse_vs_dense: list[float]
+    calls: tuple[Any, ...]
+
+
+@torch.no_grad()
+def dense_and_sparse(
+    model: ToyModel,
+    method: str,
+    keep: float | None,
+    *,
+    seed: int,
+    labels: torch.Tensor,
+    steps: int,
+    shift: float,
+    guidance: float = 1.0,
+    warmup_steps: int = 0,
+    size: tuple[int, int, int] = (data.FRAMES, data.SIZE, data.SIZE),
+    on_step: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Sample densely with ``model`` and sparsely with a copy under ``apply(copy, method, keep,
+    warmup_steps=...)`` in lockstep from the same noise (seed ``seed``) at ``size`` (frames,
+    height, width; the model was trained at 16 x 32 x 32)."""
+    from ..integrations.diffusers import apply
+
+    device = next(model.parameters()).device
+    x_dense = noise(seed, labels.shape[0], (data.CHANNELS, *size), device)
+    x_sparse = x_dense.clone()
+    sparse_model = copy.deepcopy(model)
+    levels = sigmas(steps, shift).tolist()
+    handle = apply(sparse_model.transformer, method, keep=keep, warmup_steps=warmup_steps)
+    try:
+        with AttentionProbe(model.transformer, sparse_model.transformer, handle) as probe:
+            for i in range(steps):
+                dt = levels[i + 1] - levels[i]
+                x_dense = x_dense + dt * velocity(model, x_dense, levels[i], labels, guidance)
+                x_sparse = x_sparse + dt * velocity(
+                    sparse_model, x_sparse, levels[i], labels, guidance
+                )
+                probe.end_step()
+                if on_step is not None:
+                    on_step(i)
+        calls = handle.calls
+    finally:
+        handle.remove()
+    return Comparison(x_dense, x_sparse, probe.mse_local, probe.mse_vs_dense, calls)
