@@ -62,7 +62,11 @@ def study(
         ),
     ] = "synthetic",
     methods: Annotated[
-        str | None, typer.Option(help="method specs for table1/recall, e.g. 'topk,topk+uta'")
+        str | None,
+        typer.Option(
+            help="method specs for table1/recall, e.g. 'topk,topk+uta'; 'paper' and 'seed' "
+            "stand for named lists"
+        ),
     ] = None,
     keep: Annotated[
         str | None, typer.Option(help="keep ratios, e.g. '0.1,0.2,0.3,0.4,0.5'")
@@ -92,6 +96,7 @@ def study(
         DEFAULT_KEEPS,
         DEFAULT_METHODS,
         StudyConfig,
+        expand_methods,
         run_study,
         table1_rows,
         write_report,
@@ -100,7 +105,7 @@ def study(
     try:
         config = StudyConfig(
             source=source,
-            methods=split_methods(methods) or DEFAULT_METHODS,
+            methods=expand_methods(split_methods(methods) or DEFAULT_METHODS),
             keeps=split_list(keep, "--keep", float) or DEFAULT_KEEPS,
             experiments=split_list(experiments, "--experiments"),
             heads=split_list(heads, "--heads", int),

@@ -31,7 +31,7 @@ Tails: ``dfs+uta``, ``dfs+blocks``, ``dfs+moment`` aggregate the dropped blocks 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -125,6 +125,9 @@ class DFS:
     rebuild: Any = (12, 24, 36)
     keeps: Any = (0.3, 0.2, 0.1)
     text_tokens: int = 0
+
+    steps_state: ClassVar[bool] = True
+    """Its state follows diffusion steps (a mask cache): one-off evaluations pass none."""
 
     def __post_init__(self) -> None:
         if self.keep is not None:

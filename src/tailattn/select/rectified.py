@@ -85,13 +85,15 @@ class RectifiedPlan:
     """What Rectified computes before attending, per query block in the curve order.
 
     ``layout``: the critical blocks S (with the curve permutation); ``rescale``: R
-    (B, H, Mq); ``compensation``: C (B, H, Mq, Dv); ``unreliable``: G (B, H, Mq, Mk) bool.
+    (B, H, Mq); ``compensation``: C (B, H, Mq, Dv); ``unreliable``: G (B, H, Mq, Mk) bool;
+    ``mass``: the reference P (B, H, Mq, Mk).
     """
 
     layout: BlockLayout
     rescale: torch.Tensor
     compensation: torch.Tensor
     unreliable: torch.Tensor
+    mass: torch.Tensor
 
 
 @registry.selection("rectified", granularity="fused", summary="pooled reference: R*O_sparse + C")
@@ -150,6 +152,20 @@ class Rectified:
             mask[..., (grid[0] * grid[1] * grid[2]) // self.block_k :] = True
         return mask
 
+    def check(
+        self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int] | None
+    ) -> tuple[int, int, int]:
+        """The grid, checked against these (B, H, N, D) inputs of a self-attention."""
+        if grid is None:
+            raise ValueError("rectified needs grid=(T, H, W), the latent video grid of the tokens")
+        grid = check_grid(grid, k.shape[2], self.text_tokens)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"rectified is a self-attention method: q has {q.shape[2]} tokens but k has "
+                f"{k.shape[2]}"
+            )
+        return grid
+
     def plan(
         self,
         q: torch.Tensor,
@@ -158,7 +174,7 @@ class Rectified:
         scale: float,
         grid: tuple[int, int, int],
     ) -> RectifiedPlan:
-        """Steps 1-5 on validated (B, H, N, D) inputs and a checked grid."""
+        """Steps 1-5 on validated (B, H, N, D) inputs and a grid passed by :meth:`check`."""
         acc = accumulation_dtype(q.dtype)
         perm = grid_order(grid, self.curve, self.text_tokens)[0].to(q.device)
         qp, kp, vp = (permute_tokens(x, perm).to(acc) for x in (q, k, v))
@@ -178,6 +194,7 @@ class Rectified:
             (mass * counted).sum(dim=-1),
             (mass * ~counted) @ vbar,
             unreliable,
+            mass,
         )
 
     def attend(
@@ -197,14 +214,7 @@ class Rectified:
                 "rectified takes no tail: its compensation C already stands for the dropped "
                 "blocks; use 'rectified'"
             )
-        if grid is None:
-            raise ValueError("rectified needs grid=(T, H, W), the latent video grid of the tokens")
-        grid = check_grid(grid, k.shape[2], self.text_tokens)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"rectified is a self-attention method: q has {q.shape[2]} tokens but k has "
-                f"{k.shape[2]}"
-            )
+        grid = self.check(q, k, grid)
         plan = self.plan(q, k, v, scale, grid)
         layout, rescale, compensation = plan.layout, plan.rescale, plan.compensation
         perm = layout.q_perm

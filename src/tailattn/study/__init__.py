@@ -5,7 +5,15 @@ Entry points: :func:`run_study` with a :class:`StudyConfig`, then :func:`write_r
 ``tailattn study`` command wraps both.
 """
 
-from .config import DEFAULT_KEEPS, DEFAULT_METHODS, EXPERIMENTS, StudyConfig
+from .config import (
+    DEFAULT_KEEPS,
+    DEFAULT_METHODS,
+    EXPERIMENTS,
+    METHOD_SETS,
+    SEED_METHODS,
+    StudyConfig,
+    expand_methods,
+)
 from .report import table1_rows, write_report
 from .run import StudyResult, run_study
 
@@ -13,8 +21,11 @@ __all__ = [
     "DEFAULT_KEEPS",
     "DEFAULT_METHODS",
     "EXPERIMENTS",
+    "METHOD_SETS",
+    "SEED_METHODS",
     "StudyConfig",
     "StudyResult",
+    "expand_methods",
     "run_study",
     "table1_rows",
     "write_report",

@@ -23,6 +23,30 @@ EXPERIMENTS = (
 DEFAULT_METHODS = ("topk", "topk+uta", "svg2", "svg2+uta", "topk+moment", "svg2+blocks")
 """Table 1 of the paper (Top-K, Top-K+UTA, SVG2, SVG2+UTA) plus two tails of ours."""
 
+SEED_METHODS = (
+    "dfs",
+    "dfs+uta",
+    "block-topp+uta",
+    "block-topp+blocks",
+    "rectified",
+    "blasst",
+    "blasst+uta",
+    "recall",
+    "recall(bound=exact)",
+    "recall(bound=exact)+uta",
+)
+"""The seed methods (DFSAttn, Rectified SpaAttn, BLASST, fixed recall) and the block top-p
+baselines Rectified is compared with; ``--methods seed``."""
+
+METHOD_SETS = {"paper": DEFAULT_METHODS, "seed": SEED_METHODS}
+"""Named method lists: a ``--methods`` entry with one of these names stands for the list."""
+
+
+def expand_methods(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """Replace every name of :data:`METHOD_SETS` by its methods, keeping the order."""
+    return tuple(m for spec in specs for m in METHOD_SETS.get(spec, (spec,)))
+
+
 DEFAULT_KEEPS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_BINS = (1, 2, 4, 8, 16, 32)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

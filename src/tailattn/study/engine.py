@@ -25,6 +25,7 @@ import torch
 from ..methods import registry
 from .anatomy import AnatomyAccumulator, log_p_histogram
 from .chunk import Chunk
+from .fused import fused_job
 from .plan import MethodInfo, Pair
 from .selections import BlockMask, Kept, TokenMask
 from .tails import MaskStats, TailEval, block_tail, token_tail
@@ -90,11 +91,15 @@ def build_jobs(
     k: torch.Tensor,
     scale: float,
     grid: tuple[int, int, int] | None,
+    v: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[list[Job], dict[Pair, str]]:
     """Group pairs by (selection, keep); block layouts are built here, once per group.
 
     A selection that cannot run on this source (e.g. a grid-based mask with text tokens) skips
-    its pairs with the reason.
+    its pairs with the reason. Fused selections (``blasst``, ``recall``, ``rectified``) need
+    ``v`` and the sampled ``rows`` (:mod:`.fused`). A selection whose state follows diffusion
+    steps (``steps_state``: DFSAttn's mask cache) gets none: one call is one fresh selection.
     """
     groups: dict[tuple[str, float | None], list[Pair]] = {}
     for pair in pairs:
@@ -109,7 +114,17 @@ def build_jobs(
             jobs.append(Job(TokenMask(bound.selection), tails))
             continue
         sel = bound.selection
-        if selection not in states and hasattr(sel, "new_state"):
+        if info.granularity == "fused":
+            named = [(p, methods[p.spec].tail) for p in members]
+            try:
+                mask, tails = fused_job(sel, named, (q, k, v), scale, grid, rows)
+            except ValueError as err:
+                skipped.update({p: str(err) for p in members})
+                continue
+            jobs.append(Job(mask, tails))
+            continue
+        wants_state = hasattr(sel, "new_state") and not getattr(sel, "steps_state", False)
+        if selection not in states and wants_state:
             states[selection] = sel.new_state()
         try:
             layout = sel(q, k, scale=scale, grid=grid, state=states.get(selection))
@@ -147,7 +162,7 @@ def evaluate_unit(
     """
     q4, k4, v4 = (x.to(dtype) for x in qkv)
     scale = 1.0 / math.sqrt(q4.shape[-1])
-    jobs, skipped = build_jobs(pairs, methods, q4, k4, scale, grid)
+    jobs, skipped = build_jobs(pairs, methods, q4, k4, scale, grid, v4, rows)
     q, k, v = q4[0, 0], k4[0, 0], v4[0, 0]
     stats = {p: PairStats() for job in jobs for p, _ in job.tails}
     acc = AnatomyAccumulator() if anatomy else None

@@ -25,7 +25,7 @@ class MethodInfo:
         spec: canonical spec string (``topk+uta``).
         selection: canonical selection part (``topk``, ``svg2(top_p=0.8)``).
         tail: tail name; ``tail_params`` its parameters.
-        granularity: ``token`` or ``block``.
+        granularity: ``token``, ``block`` or ``fused``.
         budgeted: the selection takes ``keep``.
     """
 
@@ -71,7 +71,7 @@ def parse_method(spec: str) -> MethodInfo:
         raise ValueError(f"method {spec!r} is dense attention, the study's reference itself")
     budgeted = "keep" in entry.params
     registry.bind(method, keep=0.5 if budgeted else None)
-    if entry.granularity == "block" and method.tail not in BLOCK_TAILS:
+    if entry.granularity in ("block", "fused") and method.tail not in BLOCK_TAILS:
         raise ValueError(
             f"the study evaluates block tails {', '.join(BLOCK_TAILS)}; "
             f"{spec!r} has {method.tail!r}"

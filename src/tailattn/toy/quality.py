@@ -121,9 +121,7 @@ def train_classifier(
         clips, labels = data.clips(2_000_000_000 + seed * 100_003 + step, batch, device)
         chosen = torch.randint(0, data.FRAMES, (batch, 4), generator=gen).to(device)
         frames = clips.permute(0, 2, 1, 3, 4)[torch.arange(batch, device=device)[:, None], chosen]
-        loss = F.cross_entropy(
-            classifier(frames.flatten(0, 1)), labels.repeat_interleave(4)
-        )
+        loss = F.cross_entropy(classifier(frames.flatten(0, 1)), labels.repeat_interleave(4))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -66,9 +66,7 @@ def _load_pipeline(model: str, dtype: torch.dtype, device: str) -> Any:
 def capture_command(
     model: Annotated[
         str,
-        typer.Option(
-            help="diffusers pipeline: a local directory (or a Hugging Face id), or 'toy'"
-        ),
+        typer.Option(help="diffusers pipeline: a local directory (or a Hugging Face id), or 'toy'"),
     ],
     prompt: Annotated[str, typer.Option(help="text prompt")],
     out: Annotated[Path, typer.Option(help="capture file to write (.safetensors)")],
