@@ -149,7 +149,7 @@ def loop_curves(q, k, v, scale, rows: torch.Tensor) -> list[dict[str, object]]:
     grid: list[tuple[str, str, Callable]] = [
         *(
             (f"blasst(lam={lam:g})", "blasst", lambda lam=lam: {"lam": lam})
-            for lam in (1e-3, 1e-2, 3e-2, 0.1, 0.3, 0.6)
+            for lam in (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.6)
         ),
         *((f"recall(recall={r:g})", "recall", lambda r=r: {"recall": r}) for r in recalls),
         *(
