@@ -229,6 +229,7 @@ def plot(points: list[dict[str, object]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=120)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
@@ -311,6 +312,7 @@ def main() -> None:
             report = {**previous, **report}
     with tempfile.NamedTemporaryFile("w", dir=FIGURES, suffix=".json", delete=False) as tmp:
         json.dump(report, tmp, indent=1, default=str)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
