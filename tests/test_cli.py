@@ -89,6 +89,7 @@ def test_study_steps_skip_message(tmp_path):
 
 def test_toy_source_without_the_toy_model(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tailattn.toy", None)
+    monkeypatch.setitem(sys.modules, "tailattn.toy.capture", None)
     result = study("--source", "toy", "--out", str(tmp_path / "r"))
     assert result.exit_code == 2
     assert "needs the toy model" in " ".join(result.output.split())

@@ -49,7 +49,7 @@ def test_every_pair_matches_the_library(qkv, queries):
     pairs = pairs_for(methods.values(), [0.25])
     rows = sample_rows(q.shape[2], queries, seed=5)
     stats, *_, skipped = evaluate_unit(
-        qkv, pairs, methods, label="t", rows=rows, grid=GRID, dtype=torch.float64
+        qkv, pairs, methods, rows=rows, grid=GRID, dtype=torch.float64
     )
     assert not skipped and len(stats) == len(SPECS)
     ref = tailattn.full_attention(q, k, v)[:, :, rows]
@@ -88,9 +88,7 @@ def test_chunk_prefix_sums_and_sort():
 def test_block_selection_that_cannot_run_is_skipped_with_its_reason(qkv):
     methods = {m.spec: m for m in parse_methods(["topk", f"radial({B32})"])}
     pairs = pairs_for(methods.values(), [0.5])
-    stats, *_, skipped = evaluate_unit(
-        qkv, pairs, methods, label="t", rows=torch.arange(8), grid=(4, 8, 9)
-    )
+    stats, *_, skipped = evaluate_unit(qkv, pairs, methods, rows=torch.arange(8), grid=(4, 8, 9))
     assert [p.spec for p in stats] == ["topk"]
     [(pair, why)] = skipped.items()
     assert pair.spec.startswith("radial") and "grid" in why

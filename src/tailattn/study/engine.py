@@ -146,7 +146,6 @@ def evaluate_unit(
     pairs: Sequence[Pair],
     methods: dict[str, MethodInfo],
     *,
-    label: str,
     rows: torch.Tensor,
     grid: tuple[int, int, int] | None,
     watch: Sequence[Pair] = (),

@@ -43,7 +43,6 @@ def evaluate(
         unit.load(),
         plan.pairs,
         plan.methods,
-        label=unit.label,
         rows=rows,
         grid=grid,
         watch=plan.watch,
