@@ -36,7 +36,7 @@ def test_seed_methods_match_the_library(qkv, queries):
     pairs = pairs_for(methods.values(), [0.25])
     rows = sample_rows(q.shape[2], queries, seed=5)
     stats, *_, skipped = evaluate_unit(
-        qkv, pairs, methods, label="t", rows=rows, grid=GRID, dtype=torch.float64
+        qkv, pairs, methods, rows=rows, grid=GRID, dtype=torch.float64
     )
     assert not skipped and len(stats) == len(SPECS)
     ref = tailattn.full_attention(q, k, v)[:, :, rows]
@@ -60,7 +60,7 @@ def test_rectified_at_drop_rate_zero_implies_the_exact_distribution(qkv):
     methods = {m.spec: m for m in parse_methods([f"rectified({B32}, drop_rate=0)"])}
     pairs = pairs_for(methods.values(), [0.5])
     stats, *_ = evaluate_unit(
-        qkv, pairs, methods, label="t", rows=torch.arange(64), grid=GRID, dtype=torch.float64
+        qkv, pairs, methods, rows=torch.arange(64), grid=GRID, dtype=torch.float64
     )
     (s,) = stats.values()
     assert s.means()["mse"] < 1e-20 and s.means()["recall_implied"] == pytest.approx(1.0)
@@ -77,9 +77,7 @@ def test_seed_method_list_expands_and_parses():
 def test_rectified_without_grid_is_skipped_with_its_reason(qkv):
     methods = {m.spec: m for m in parse_methods(["topk", "rectified"])}
     pairs = pairs_for(methods.values(), [0.5])
-    stats, *_, skipped = evaluate_unit(
-        qkv, pairs, methods, label="t", rows=torch.arange(8), grid=None
-    )
+    stats, *_, skipped = evaluate_unit(qkv, pairs, methods, rows=torch.arange(8), grid=None)
     assert [p.spec for p in stats] == ["topk"]
     [(pair, why)] = skipped.items()
     assert pair.spec == "rectified" and "needs grid" in why
