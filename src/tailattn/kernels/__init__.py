@@ -1,7 +1,7 @@
 """Triton kernels: fused block-sparse attention with the tail inside, per-block sums.
 
-Importing this package needs Triton; :func:`tailattn.kernels.available` tells the dispatcher
-whether the kernels can run here (CUDA with Triton, or the Triton interpreter on CPU).
+Importing this package needs Triton; :func:`tailattn.kernels.unsupported_reason` tells the
+dispatcher why given inputs cannot run on the kernel (``None`` when they can).
 """
 
 from .block_sparse import (
