@@ -69,7 +69,8 @@ def runs(
         if entry is None:
             print(f"skipping {name}: not registered", file=sys.stderr)
             continue
-        granularity = "token" if entry.granularity == "dense" else entry.granularity
+        # fused methods (rectified, blasst, recall) take the block tails where they take one
+        granularity = {"dense": "token", "fused": "block"}.get(entry.granularity, entry.granularity)
         usable = [t for t in tails if t in registry.tails(granularity)]
         budgets: list[float | None] = list(keeps) if "keep" in entry.params else [None]
         chosen += [(name, tail, keep) for keep in budgets for tail in usable]
