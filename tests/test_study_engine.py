@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tailattn
+from study_check import study_and_library
 from tailattn.study.chunk import Chunk, sort_descending
 from tailattn.study.engine import evaluate_unit, sample_rows
 from tailattn.study.plan import pairs_for, parse_methods
@@ -44,22 +45,8 @@ def qkv():
 
 @pytest.mark.parametrize("queries", [None, 37])
 def test_every_pair_matches_the_library(qkv, queries):
-    q, k, v = qkv
-    methods = {m.spec: m for m in parse_methods(SPECS)}
-    pairs = pairs_for(methods.values(), [0.25])
-    rows = sample_rows(q.shape[2], queries, seed=5)
-    stats, *_, skipped = evaluate_unit(
-        qkv, pairs, methods, rows=rows, grid=GRID, dtype=torch.float64
-    )
-    assert not skipped and len(stats) == len(SPECS)
-    ref = tailattn.full_attention(q, k, v)[:, :, rows]
-    for pair, s in stats.items():
-        got = s.means()
-        keep = {} if pair.keep is None else {"keep": pair.keep}
-        out, info = tailattn.attention(
-            q, k, v, pair.spec, grid=GRID, return_info=True, backend="reference", **keep
-        )
-        sub = out[:, :, rows]
+    checks = study_and_library(qkv, SPECS, queries, GRID, backend="reference")
+    for pair, got, info, sub, ref in checks:
         assert got["mse"] == pytest.approx(tailattn.metrics.mse(sub, ref), rel=1e-9), pair
         assert got["rel_l2"] == pytest.approx(tailattn.metrics.rel_l2(sub, ref), rel=1e-9)
         if queries is None:
