@@ -29,7 +29,7 @@ import torch
 
 import tailattn
 from tailattn.metrics import mse, recall
-from tailattn.reorder import permute_tokens
+from tailattn.permute import permute_tokens
 
 PRESETS = {"small": ((5, 12, 16), 4, 64), "wan-1.3b-480p": ((21, 30, 52), 12, 128)}
 FIGURES = Path("docs/figures")

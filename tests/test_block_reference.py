@@ -6,18 +6,10 @@ import pytest
 import torch
 
 import tailattn
-from tailattn.layout import BlockLayout, invert_permutation
-from tailattn.reference import (
-    UTA,
-    BlockDrop,
-    BlockMoment,
-    BlockUTA,
-    Moment,
-    PooledBlocks,
-    block_attention,
-    evaluate_chunk,
-    iter_logits,
-)
+from tailattn.layout import BlockLayout
+from tailattn.permute import invert_permutation
+from tailattn.reference import block_attention, evaluate_chunk, iter_logits
+from tailattn.tails import UTA, BlockDrop, BlockMoment, BlockUTA, Moment, PooledBlocks
 
 TAILS = {"drop": BlockDrop(), "uta": BlockUTA(), "blocks": PooledBlocks(), "moment": BlockMoment()}
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from tailattn.curves import gilbert_order, grid_order, hilbert_index, hilbert_order
+from tailattn.select.curves import gilbert_order, grid_order, hilbert_index, hilbert_order
 
 
 def coords_of(order, grid):

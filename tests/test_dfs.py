@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tailattn
-from tailattn.curves import grid_order
 from tailattn.select import DFS, DFSState, tile_block_scores
+from tailattn.select.curves import grid_order
 from video_like import grid_qkv
 
 GRID = (4, 8, 8)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import tailattn
-from tailattn.reference import BlockDrop, BlockUTA, PooledBlocks, block_attention
+from tailattn.reference import block_attention
 from tailattn.select import Blasst, Recall
+from tailattn.tails import BlockDrop, BlockUTA, PooledBlocks
 from video_like import grid_qkv
 
 GRID = (4, 8, 8)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tailattn.layout import BlockLayout, block_sizes, invert_permutation
+from tailattn.layout import BlockLayout, block_sizes
+from tailattn.permute import invert_permutation
 
 
 def random_mask(b=2, h=3, mq=5, mk=7, p=0.4, seed=0):

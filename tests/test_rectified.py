@@ -88,7 +88,7 @@ def test_rectification_beats_plain_renormalization():
     layout = info["layout"]
     assert info["density"] < 0.6 and info["rescale"] < 1.0
     plain, _, _ = tailattn.reference.block_attention(
-        q, k, v, layout, tailattn.reference.BlockDrop(), 32**-0.5
+        q, k, v, layout, tailattn.tails.BlockDrop(), 32**-0.5
     )
     assert tailattn.metrics.mse(out, full) < tailattn.metrics.mse(plain, full)
 

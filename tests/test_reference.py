@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tailattn
-from tailattn.reference import UTA, merge_tokens, oracle_attention
+from tailattn.reference import merge_tokens, oracle_attention
 from tailattn.select import TopK
+from tailattn.tails import UTA
 
 
 def naive_attention(q, k, v):

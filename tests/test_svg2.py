@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tailattn
-from tailattn.reorder import kmeans
 from tailattn.select import SVG2, SVG2State
+from tailattn.select.kmeans import kmeans
 from tailattn.select.svg2 import cluster_pair_mass, default_clusters
 
 

@@ -139,7 +139,8 @@ def test_lowdelta_zero_delta_is_exact_and_groups_bounded(skewed):
 
 
 def test_lowdelta_groups_respect_delta(skewed):
-    from tailattn.reference import LowDelta, iter_logits
+    from tailattn.reference import iter_logits
+    from tailattn.tails import LowDelta
 
     q, k, _v = skewed(seed=8, n=128)
     _, z = next(iter_logits(q, k, 1 / math.sqrt(q.shape[-1]), torch.float64))

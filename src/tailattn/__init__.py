@@ -5,7 +5,7 @@ instead of discarding it. Entry points: :func:`attention`, :func:`full_attention
 registry :data:`registry`, and :mod:`tailattn.metrics`.
 """
 
-from . import metrics, reference, select
+from . import metrics, reference, select, tails
 from ._api import attention
 from .methods import Method, registry
 from .reference import full_attention
@@ -21,4 +21,5 @@ __all__ = [
     "reference",
     "registry",
     "select",
+    "tails",
 ]

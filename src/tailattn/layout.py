@@ -23,6 +23,8 @@ from dataclasses import InitVar, dataclass
 
 import torch
 
+from .permute import invert_permutation
+
 
 def num_blocks(n: int, block: int) -> int:
     return math.ceil(n / block)
@@ -35,11 +37,15 @@ def block_sizes(n: int, block: int, device: torch.device | str = "cpu") -> torch
     return sizes
 
 
-def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """inv[..., perm[..., j]] = j."""
-    inv = torch.empty_like(perm)
-    arange = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
-    return inv.scatter_(-1, perm, arange)
+def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, M, block, D), zero-padded to M * block tokens."""
+    b, h, n, d = x.shape
+    m = num_blocks(n, block)
+    if m * block == n:
+        return x.view(b, h, m, block, d)
+    padded = x.new_zeros(b, h, m * block, d)
+    padded[:, :, :n] = x
+    return padded.view(b, h, m, block, d)
 
 
 def _check_perm(perm: torch.Tensor | None, name: str, n: int, bh: tuple[int, int]) -> None:

@@ -7,8 +7,8 @@ import math
 import torch
 
 from ..layout import BlockLayout
+from ..permute import permute_tokens, unpermute_tokens
 from ..reference.merge import merge_tokens
-from ..reorder import permute_tokens, unpermute_tokens
 from . import attention as _attn
 from .pooling import block_means, block_sums
 
@@ -152,7 +152,7 @@ def tailed_block_attention(
         return block_sparse_attention(q, k, v, layout, tail, scale)
     if tail != "moment":
         raise ValueError(f"no GPU path for block tail {tail!r}")
-    from ..reference.block_tails import BlockMoment, key_block_sums, to_blocks
+    from ..tails.block import BlockMoment, key_block_sums, to_blocks
 
     out, lse = block_sparse_attention(q, k, v, layout, "drop", scale)
     qp = permute_tokens(q, layout.q_perm).float()

@@ -1,7 +1,7 @@
 r"""Block-sparse reference executor: exact attention over a layout's kept blocks plus a block tail.
 
 For query block m (in the layout's permuted order) with kept key blocks K_m and tail tokens t
-from a block tail (:mod:`tailattn.reference.block_tails`), every query i of the block gets
+from a block tail (:mod:`tailattn.tails.block`), every query i of the block gets
 
     O_i = (sum_{j in K_m} sum_{l in j} e^{z_il} v_l + sum_t e^{z_t} v_t)
           / (sum_{j in K_m} sum_{l in j} e^{z_il} + sum_t e^{z_t}),     z_il = s q_i . k_l,
@@ -23,10 +23,10 @@ import torch
 
 from .. import metrics
 from .._checks import accumulation_dtype
-from ..layout import BlockLayout
+from ..layout import BlockLayout, to_blocks
 from ..methods import registry
-from ..reorder import permute_tokens, unpermute_tokens
-from .block_tails import BlockTail, ChunkTail, key_block_sums, to_blocks
+from ..permute import permute_tokens, unpermute_tokens
+from ..tails.block import BlockTail, ChunkTail, key_block_sums
 from .full import softmax_part
 from .merge import merge_tokens
 from .streaming import DEFAULT_CHUNK_BYTES

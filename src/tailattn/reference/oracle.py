@@ -18,10 +18,10 @@ import torch
 
 from .. import metrics
 from .._checks import accumulation_dtype
+from ..tails.token import TailTokens
 from .full import softmax_part
 from .merge import merge_tokens
 from .streaming import DEFAULT_CHUNK_BYTES, iter_logits
-from .tails import TailTokens
 
 Selection = Callable[[torch.Tensor], torch.Tensor]
 Tail = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], TailTokens]

@@ -1,7 +1,7 @@
 r"""DFSAttn (seed 004): curve reordering, hierarchical block scores, a mask cache over steps.
 
 1. Reorder the video tokens along a 3D curve over the grid (T, H, W), text tokens last
-   (:func:`tailattn.curves.grid_order`; ``curve="hilbert"`` is the paper's Hilbert curve,
+   (:func:`tailattn.select.curves.grid_order`; ``curve="hilbert"`` is the paper's Hilbert curve,
    ``"gilbert"`` the generalized one for any side lengths, ``"none"`` row-major). The layout
    carries the permutation, so the executor permutes q, k, v and un-permutes the output.
 2. Hierarchical block scoring: mean-pool q and k over tiles of ``tile`` (16) tokens, tile
@@ -36,11 +36,11 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_fraction, check_grid
-from ..curves import check_curve, grid_order
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
-from ..reorder import permute_tokens
+from ..permute import permute_tokens
 from .blocks import block_budget, check_block_size, pool_blocks
+from .curves import check_curve, grid_order
 
 SCORE_CHUNK_BYTES = 64 * 2**20
 """Bytes of one chunk of tile probabilities (query tiles x key tiles)."""

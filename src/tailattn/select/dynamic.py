@@ -39,7 +39,7 @@ The decision is per (query tile, key tile), as in a kernel, and is made for all 
 
 Tails (``+uta``, ``+blocks``, ``+moment``): the skipped tiles of a query tile are its dropped
 key blocks; their pooled tokens join the softmax exactly as for block selections
-(:mod:`tailattn.reference.block_tails`), so a skipped tile's mass is no longer lost.
+(:mod:`tailattn.tails.block`), so a skipped tile's mass is no longer lost.
 
 Info entries (with ``return_info``), per query and per head: ``density`` (computed keys / Nk),
 ``recall`` (exact kept mass, against exact logits) and ``recall_bound`` (the loop's own
@@ -59,10 +59,10 @@ import torch
 from .._checks import accumulation_dtype, check_fraction, check_positive
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
-from ..reference.block_tails import BlockDrop, BlockTail, key_block_sums, to_blocks
 from ..reference.full import full_attention
 from ..reference.merge import merge_tokens
 from ..reference.streaming import DEFAULT_CHUNK_BYTES
+from ..tails.block import BlockDrop, BlockTail, key_block_sums, to_blocks
 from .blocks import check_block_size, pooled_logits
 from .fused import FusedResult
 

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 from .._checks import accumulation_dtype, check_grid
-from ..curves import check_curve, grid_order
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
-from ..reference.block_tails import BlockDrop, BlockTail, to_blocks
+from ..permute import permute_tokens, unpermute_tokens
 from ..reference.blocks import block_attention
-from ..reorder import permute_tokens, unpermute_tokens
+from ..tails.block import BlockDrop, BlockTail, to_blocks
 from .blocks import block_budget, check_block_size, pool_blocks, top_mass_counts
+from .curves import check_curve, grid_order
 from .fused import FusedResult
 
 

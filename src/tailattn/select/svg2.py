@@ -1,7 +1,7 @@
 r"""SVG2 (Sparse VideoGen2): semantic-aware permutation by k-means, cluster-pair top-p.
 
 1. k-means on the queries and, separately, on the keys of every (batch, head)
-   (:func:`tailattn.reorder.kmeans`): ``iterations`` (50) Lloyd steps on the first call, then
+   (:func:`tailattn.permute.kmeans`): ``iterations`` (50) Lloyd steps on the first call, then
    ``warm_iterations`` (2) steps from the previous call's centroids when an :class:`SVG2State`
    is passed (``state=``); nothing is kept between calls otherwise.
 2. Permute queries and keys so that every cluster is contiguous (stable sort by label).
@@ -42,8 +42,8 @@ import torch
 from .._checks import check_fraction, check_positive
 from ..layout import BlockLayout, num_blocks
 from ..methods import registry
-from ..reorder import KMeansResult, cluster_permutation, kmeans
 from .blocks import block_budget, check_block_size, layout_from_ranking, top_mass_counts
+from .kmeans import KMeansResult, cluster_permutation, kmeans
 
 WAN720P_TOKENS = 75_600
 WAN720P_Q_CLUSTERS = 300

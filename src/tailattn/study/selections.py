@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..layout import BlockLayout, invert_permutation
+from ..layout import BlockLayout
+from ..permute import invert_permutation
 from ..select import Threshold, TopK, TopP
 from .chunk import Chunk
 

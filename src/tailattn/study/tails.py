@@ -9,7 +9,7 @@ of Eq. 14 by e^{lse}:
 * ``uta``:       O = (A + w vbar) / (r + w)                    (Eq. 14)
 * ``uta-norm``:  O = A / (r + w)                               (Fig. 7 ablation)
 * ``moment``:    O = (A + w g (vbar + c / g)) / (r + w g),     g = 1 + sigma^2 / 2,
-  sigma^2 = var_D(z), c = cov_D(z, v) (:mod:`tailattn.reference.tails`; for block layouts these
+  sigma^2 = var_D(z), c = cov_D(z, v) (:mod:`tailattn.tails.token`; for block layouts these
   equal the block form s^2 q^T Cov_D(k) q and s C_D^T q exactly).
 
 So A, sum_T v and sum_T z v (one matrix product each, shared by every tail of the mask) and
@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..reference import UTA, Bins, Drop, Moment, UTANorm, evaluate_chunk
+from ..reference import evaluate_chunk
+from ..tails import UTA, Bins, Drop, Moment, UTANorm
 from .chunk import Chunk, take
 from .selections import Kept
 
@@ -165,7 +166,7 @@ def group_tail(stats: MaskStats, groups: tuple[torch.Tensor, int]) -> TailResult
 
 
 def bin_groups(n: int, mode: str) -> Groups:
-    """Bins of :class:`tailattn.reference.Bins`: ``count`` splits the sorted dropped logits of a
+    """Bins of :class:`tailattn.tails.Bins`: ``count`` splits the sorted dropped logits of a
     prefix mask into n runs of (nearly) equal count; ``width`` splits [min_D z, max_D z] into n
     equal intervals."""
 

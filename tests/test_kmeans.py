@@ -1,18 +1,17 @@
-"""Token permutations and batched k-means."""
+"""Token permutations and SVG2's batched k-means."""
 
 import itertools
 
 import pytest
 import torch
 
-from tailattn.reorder import (
+from tailattn.permute import permute_tokens, unpermute_tokens
+from tailattn.select.kmeans import (
     assign_clusters,
     cluster_permutation,
     cluster_sums,
     kmeans,
-    permute_tokens,
     prefix_cluster_sums,
-    unpermute_tokens,
 )
 
 

@@ -16,7 +16,7 @@ differences accurate in float32. Per query i of block m, with logits z = s q.k:
   and value ``vbar_D`` (Eq. 10-14).
 * ``blocks``: every dropped key block j is one token, logit ``s q_i . kbar_j + log n_j`` and
   value ``vbar_j``; with blocks of one token this is exact attention.
-* ``moment`` (ours, see :mod:`tailattn.reference.tails`): the ``uta`` token with logit
+* ``moment`` (ours, see :mod:`tailattn.tails.token`): the ``uta`` token with logit
   ``+ log(1 + sigma^2/2)`` and value ``vbar_D + c / (1 + sigma^2/2)``, where
   ``sigma^2 = s^2 q_i^T Cov_D(k) q_i``, ``c = s C_D^T q_i`` and
   ``C_D = mean_D (k - kbar)(v - vbar)^T``; Cov_D and C_D come from per-block sums of k k^T
@@ -34,20 +34,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..layout import block_sizes, num_blocks
+from ..layout import block_sizes, to_blocks
 from ..methods import registry
-from .full import softmax_part
-
-
-def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, M, block, D), zero-padded to M * block tokens."""
-    b, h, n, d = x.shape
-    m = num_blocks(n, block)
-    if m * block == n:
-        return x.view(b, h, m, block, d)
-    padded = x.new_zeros(b, h, m * block, d)
-    padded[:, :, :n] = x
-    return padded.view(b, h, m, block, d)
+from ..reference.full import softmax_part
 
 
 @dataclass(frozen=True)
@@ -250,7 +239,7 @@ class PooledBlocks(BlockTail):
 @dataclass(frozen=True)
 class BlockMoment(BlockTail):
     """The uta token corrected to second order: logit + log(1 + sigma^2/2), value
-    vbar_D + c / (1 + sigma^2/2) (ours; :mod:`tailattn.reference.tails`)."""
+    vbar_D + c / (1 + sigma^2/2) (ours; :mod:`tailattn.tails.token`)."""
 
     second_moments: ClassVar[bool] = True
 

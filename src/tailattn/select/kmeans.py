@@ -1,10 +1,6 @@
-r"""Token permutations and their inverses: k-means cluster orders (a 3D curve order comes later).
+r"""k-means over the tokens of every (batch, head): SVG2's clustering (:mod:`.svg2`).
 
-A permutation ``perm`` of N tokens is an int64 tensor, (N,) shared by every head or (B, H, N) per
-head; position j of the permuted sequence holds original token ``perm[..., j]``
-(:class:`~tailattn.layout.BlockLayout` uses the same convention).
-
-k-means (Lloyd's algorithm), batched over (batch, head), in PyTorch on any device:
+Lloyd's algorithm, batched over (batch, head), in PyTorch on any device:
 
     labels_i = argmin_c ||x_i - mu_c||^2 = argmin_c (||mu_c||^2 - 2 x_i . mu_c)
     mu_c     = mean of the x_i with labels_i = c        (an empty cluster keeps its centroid)
@@ -12,7 +8,8 @@ k-means (Lloyd's algorithm), batched over (batch, head), in PyTorch on any devic
 Cluster sums never use floating-point atomics, so a run is bitwise reproducible on its device:
 on CPU a sequential ``index_add_``, elsewhere a stable sort by label and the difference of a
 float64 prefix sum at each cluster's end and start. Initial centroids are distinct tokens drawn
-with a seeded CPU generator, the same on every device.
+with a seeded CPU generator, the same on every device. :func:`cluster_permutation` makes each
+cluster contiguous.
 """
 
 from __future__ import annotations
@@ -21,36 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import accumulation_dtype, check_positive
+from .._checks import accumulation_dtype, check_positive
+from ..permute import permute_tokens
 
 ASSIGN_CHUNK_BYTES = 32 * 2**20
 """Bytes of one (B*H, rows, C) block of distances during the assignment step."""
-
-
-def permute_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """``x[..., perm[..., j], :]`` along the token axis of a (B, H, N, D) tensor."""
-    if perm is None:
-        return x
-    if perm.ndim == 1:
-        return x.index_select(2, perm.to(x.device))
-    return x.gather(2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
-
-
-def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of :func:`permute_tokens`: returns y with ``y[..., perm[..., j], :] = x[..., j, :]``.
-
-    ``x`` may be (B, H, N, D) or (B, H, N) (per-token values such as an lse).
-    """
-    if perm is None:
-        return x
-    squeeze = x.ndim == 3
-    x4 = x.unsqueeze(-1) if squeeze else x
-    if perm.ndim == 1:
-        index = perm.view(1, 1, -1, 1).expand_as(x4)
-    else:
-        index = perm.unsqueeze(-1).expand_as(x4)
-    out = torch.empty_like(x4).scatter_(2, index, x4)
-    return out.squeeze(-1) if squeeze else out
 
 
 def cluster_permutation(labels: torch.Tensor) -> torch.Tensor:
