@@ -161,8 +161,16 @@ class BlockLayout:
         block_k: int = 128,
         q_perm: torch.Tensor | None = None,
         kv_perm: torch.Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> BlockLayout:
-        """From a bool block mask (B, H, Mq, Mk); kept ids are listed in ascending order."""
+        """From a bool block mask (B, H, Mq, Mk); kept ids are listed in ascending order.
+
+        With ``check=True`` the CSR rows are as long as the fullest row (one device sync) and
+        the layout is validated. ``check=False`` is for masks that keep at least one block in
+        every row by construction: the rows are padded to Mk and nothing synchronizes, so the
+        call can run inside a CUDA graph.
+        """
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4:
             raise ValueError("mask must be a bool tensor (B, H, Mq, Mk)")
         if mask.shape[3] != num_blocks(n_k, block_k):
@@ -171,7 +179,10 @@ class BlockLayout:
                 f"needs {num_blocks(n_k, block_k)}"
             )
         counts = mask.sum(dim=-1)
-        kmax = max(1, int(counts.max()) if counts.numel() else 1)
+        if check:
+            kmax = max(1, int(counts.max()) if counts.numel() else 1)
+        else:
+            kmax = mask.shape[3]
         # stable sort of the negated mask puts kept ids first, in ascending order
         order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax]
         return cls(
@@ -183,6 +194,7 @@ class BlockLayout:
             block_k,
             q_perm,
             kv_perm,
+            check=check,
         )
 
     def to_dense(self) -> torch.Tensor:
