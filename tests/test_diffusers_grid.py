@@ -15,10 +15,10 @@ from diffusers_tiny import (
     wan,
     wan_inputs,
 )
-from tailattn._api import attention as real_attention
 from tailattn.integrations.diffusers import apply
 from tailattn.integrations.diffusers import runtime as runtime_module
 from tailattn.integrations.diffusers.joint import TokenOrder
+from tailattn.integrations.diffusers.runtime import run_method as real_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,11 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def seen_grids(monkeypatch):
     grids = []
 
-    def recording(q, k, v, method, **kwargs):
+    def recording(bound, q, k, v, **kwargs):
         grids.append((kwargs["grid"], k.shape[1]))
-        return real_attention(q, k, v, method, **kwargs)
+        return real_run(bound, q, k, v, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "attention", recording)
+    monkeypatch.setattr(runtime_module, "run_method", recording)
     return grids
 
 

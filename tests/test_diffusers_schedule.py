@@ -16,12 +16,12 @@ from diffusers_tiny import (
     wan,
     wan_inputs,
 )
-from tailattn._api import attention as real_attention
 from tailattn.integrations.diffusers import StateKey, apply
 from tailattn.integrations.diffusers import runtime as runtime_module
 from tailattn.integrations.diffusers.clock import StepClock
+from tailattn.integrations.diffusers.runtime import run_method as real_run
 from tailattn.integrations.diffusers.schedule import Schedule
-from tailattn.methods import Entry, registry
+from tailattn.methods import Entry, Granularity, registry
 from tailattn.select.oracle import TopK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,11 +88,11 @@ def test_dense_schedule_is_observable_with_guidance_as_two_calls():
 def test_keep_schedule_over_steps_reaches_the_attention(monkeypatch):
     keeps = []
 
-    def recording(q, k, v, method, **kwargs):
-        keeps.append(kwargs["keep"])
-        return real_attention(q, k, v, method, **kwargs)
+    def recording(bound, q, k, v, **kwargs):
+        keeps.append(bound.keep)
+        return real_run(bound, q, k, v, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "attention", recording)
+    monkeypatch.setattr(runtime_module, "run_method", recording)
     pipe = TinyPipeline(wan(num_layers=1))
     with apply(pipe, "topk+uta", keep=0.5, warmup_steps=1, keep_schedule={2: 0.3, 3: 0.1}):
         pipe(num_inference_steps=4, branches=1)
@@ -125,17 +125,17 @@ class StatefulTopK(TopK):
 @pytest.fixture
 def stateful(monkeypatch):
     """Register ``stateful-topk`` for one test and record the state each call receives."""
-    entry = Entry("stateful-topk", StatefulTopK, "token", "test")
+    entry = Entry("stateful-topk", StatefulTopK, Granularity.TOKEN, "test")
     monkeypatch.setitem(registry._selections, "stateful-topk", entry)
     received = []
 
-    def recording(q, k, v, method, *, state=None, **kwargs):
+    def recording(bound, q, k, v, *, state=None, **kwargs):
         assert state is not None, "a stateful method must receive its state"
         state["calls"] += 1
         received.append(state)
-        return real_attention(q, k, v, "topk", **kwargs)
+        return real_run(bound, q, k, v, state=None, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "attention", recording)
+    monkeypatch.setattr(runtime_module, "run_method", recording)
     return received
 
 
@@ -163,11 +163,11 @@ def test_state_with_guidance_as_a_batch_of_two(stateful):
 
 
 def test_stateless_methods_get_no_state(monkeypatch):
-    def recording(q, k, v, method, **kwargs):
-        assert "state" not in kwargs
-        return real_attention(q, k, v, method, **kwargs)
+    def recording(bound, q, k, v, **kwargs):
+        assert kwargs["state"] is None
+        return real_run(bound, q, k, v, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "attention", recording)
+    monkeypatch.setattr(runtime_module, "run_method", recording)
     model = wan()
     with apply(model, "topk+uta", keep=0.5) as handle:
         run(model, wan_inputs(700.0))

@@ -192,7 +192,7 @@ def test_triton_backend_refusals():
     import tailattn
 
     q = torch.randn(1, 1, 128, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="backend='triton' runs block methods"):
+    with pytest.raises(ValueError, match="backend='triton' runs block and fused methods"):
         tailattn.attention(q, q, q, "topk+uta", keep=0.5, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         tailattn.attention(q, q, q, "block-topk", keep=0.5, backend="cuda")

@@ -1,5 +1,6 @@
 """Method specs and the registry."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -65,8 +66,22 @@ def test_registry_is_extensible_without_touching_the_core(skewed):
 
     for name, entry in tailattn.registry.tails("token").items():
         registry.tail(name, granularity="token")(entry.factory)
+    with pytest.raises(ValueError, match="no runner is registered for token selections"):
+        registry.bind("first-half+uta")
+    registry.runner("token")(tailattn.execute.run_token)
     bound = registry.bind("first-half+uta")
     assert isinstance(bound.selection, FirstHalf)
+    # the bound method runs itself: the first half of the keys exactly, the rest as one token
+    q, k, v = skewed(n=64)
+    out = bound(q, k, v, scale=q.shape[-1] ** -0.5).out
+    z = q @ k.mT * q.shape[-1] ** -0.5
+    half = z.shape[-1] // 2
+    tail = z[..., half:].mean(-1, keepdim=True) + math.log(z.shape[-1] - half)
+    weights = torch.softmax(torch.cat([z[..., :half], tail], dim=-1), dim=-1)
+    values = torch.cat([v[..., :half, :], v[..., half:, :].mean(-2, keepdim=True)], dim=-2)
+    expected = torch.einsum("bhqk,bhkd->bhqd", weights[..., :half], values[..., :half, :])
+    expected = expected + weights[..., half:] * values[..., None, half, :]
+    assert torch.allclose(out, expected, atol=1e-12)
     with pytest.raises(ValueError, match="registered twice"):
         registry.selection("first-half", granularity="token")(
             dataclass(frozen=True)(type("Other", (), {}))

@@ -5,17 +5,20 @@ instead of discarding it. Entry points: :func:`attention`, :func:`full_attention
 registry :data:`registry`, and :mod:`tailattn.metrics`.
 """
 
-from . import metrics, reference, select, tails
+from . import execute, metrics, reference, select, tails
 from ._api import attention
-from .methods import Method, registry
+from .methods import BoundMethod, Granularity, Method, registry
 from .reference import full_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundMethod",
+    "Granularity",
     "Method",
     "__version__",
     "attention",
+    "execute",
     "full_attention",
     "metrics",
     "reference",

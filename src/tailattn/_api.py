@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from . import execute
 from ._checks import check_grid, check_layout, check_qkv, check_scale
-from .layout import BlockLayout
-from .methods import Method, registry
-from .reference import block_attention, full_attention, oracle_attention
+from .methods import BoundMethod, Method, registry
 
 
 def _add_stats(info: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
@@ -20,37 +18,24 @@ def _add_stats(info: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
         info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
 
 
-BACKENDS = (None, "reference", "triton")
-
-
-def _use_kernel(
-    backend: str | None, q: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
-) -> bool:
-    """Whether the block method runs on the Triton kernel (errors when it was asked for and
-    cannot run)."""
-    if backend == "reference":
-        return False
-    from importlib.util import find_spec
-
-    reason = None
-    if find_spec("triton") is None:
-        reason = "Triton is not installed"
-    elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = f"the inputs are on {q.device.type}, not CUDA"
-    else:
-        from .kernels import unsupported_reason
-
-        reason = unsupported_reason(q, v, layout, "drop" if tail == "moment" else tail)
-    if reason is not None and backend == "triton":
-        raise ValueError(f"backend='triton' cannot run: {reason}")
-    return reason is None and (backend == "triton" or q.device.type == "cuda")
+def bind(method: str | Method | BoundMethod, keep: float | None, params: dict[str, Any]):
+    """A bound method from a spec (bound here) or as it is (then ``keep`` and parameters must
+    not be given: they were fixed when it was bound)."""
+    if isinstance(method, BoundMethod):
+        if keep is not None or params:
+            raise ValueError(
+                "method is already bound: give keep= and parameters to registry.bind(), "
+                "not to attention()"
+            )
+        return method
+    return registry.bind(method, keep=keep, **params)
 
 
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    method: str | Method = "full",
+    method: str | Method | BoundMethod = "full",
     *,
     keep: float | None = None,
     grid: tuple[int, int, int] | None = None,
@@ -71,7 +56,9 @@ def attention(
         k: (B, H, Nk, D), same layout.
         v: (B, H, Nk, Dv), same layout.
         method: spec string ``SELECTION[(k=v,...)][+TAIL[(k=v,...)]]`` such as ``"topk+uta"``,
-            ``"topp(p=0.9)+bins8"``, or a :class:`~tailattn.methods.Method`.
+            ``"topp(p=0.9)+bins8"``, a :class:`~tailattn.methods.Method`, or a
+            :class:`~tailattn.methods.BoundMethod` from ``tailattn.registry.bind(...)`` (bound
+            once, run many times: then ``keep`` and parameters go to ``bind``).
         keep: keep ratio in (0, 1] for budgeted selections (fraction of keys kept per query, or
             of key blocks per query block for block selections).
         grid: latent video grid (T, H, W) with T * H * W = Nk (plus the method's
@@ -101,51 +88,22 @@ def attention(
         The output in the input's layout and dtype, and the info dict with ``return_info``.
     """
     layout = check_layout(layout)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    bound = registry.bind(method, keep=keep, **params)
-    if backend == "triton" and bound.granularity != "block":
-        raise ValueError(
-            f"backend='triton' runs block methods; {bound.method.spec!r} is a "
-            f"{bound.granularity} method (use backend=None or 'reference')"
-        )
-    q4, k4, v4 = check_qkv(q, k, v, layout)
+    backend = execute.check_backend(backend)
+    bound = bind(method, keep, params)
+    q4, k4, v4 = check_qkv(q, k, v, layout, finite=False)
     s = check_scale(scale, q4.shape[-1])
     if grid is not None:
         check_grid(grid, k4.shape[2], getattr(bound.selection, "text_tokens", 0))
-
-    info: dict[str, Any] = {"method": bound.method.spec}
-    if bound.granularity == "dense":
-        out, lse = full_attention(q4, k4, v4, s, return_lse=True)
-        info["density"] = 1.0
-    elif bound.granularity == "token":
-        out, lse, stats = oracle_attention(
-            q4, k4, v4, bound.selection, bound.tail, s, with_stats=return_info
-        )
-        out = out.to(q4.dtype)
-        _add_stats(info, stats)
-    elif bound.granularity == "fused":
-        result = bound.selection.attend(
-            q4, k4, v4, bound.tail, scale=s, grid=grid, state=state, with_stats=return_info
-        )
-        out, lse = result.out.to(q4.dtype), result.lse
-        _add_stats(info, result.stats)
-        info.update(result.info)
-    else:
-        block_layout = bound.selection(q4, k4, scale=s, grid=grid, state=state)
-        if _use_kernel(backend, q4, v4, block_layout, bound.method.tail):
-            from .kernels import tailed_block_attention
-
-            out, lse = tailed_block_attention(q4, k4, v4, block_layout, bound.method.tail, s)
-        else:
-            out, lse, stats = block_attention(
-                q4, k4, v4, block_layout, bound.tail, s, with_stats=return_info
-            )
-            out = out.to(q4.dtype)
-            _add_stats(info, stats)
-        info["density"] = block_layout.density()
-        info["layout"] = block_layout
-    info["lse"] = lse
+    result = bound(
+        q4, k4, v4, scale=s, grid=grid, state=state, backend=backend, with_stats=return_info
+    )
+    out = result.out.to(q4.dtype)
     if layout == "bnhd":
         out = out.transpose(1, 2)
-    return (out, info) if return_info else out
+    if not return_info:
+        return out
+    info: dict[str, Any] = {"method": bound.spec}
+    _add_stats(info, result.stats)
+    info.update(result.info)
+    info["lse"] = result.lse
+    return out, info

@@ -80,7 +80,7 @@ def run(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from .kernels import tailed_block_attention
+    from .kernels import block_sparse_attention
     from .methods import registry
 
     say = progress or (lambda _: None)
@@ -125,11 +125,13 @@ def run(
         )
         for tail in tails:
             say(f"tailattn keep={keep} tail={tail}")
-            ms = time_ms(
-                lambda layout=layout, tail=tail: tailed_block_attention(
-                    q, k, v, layout, tail, scale
-                )
-            )
+            block_tail = registry.bind(f"block-topk+{tail}", keep=keep).tail
+
+            def kernel(layout: BlockLayout = layout, block_tail: object = block_tail) -> object:
+                out, lse = block_sparse_attention(q, k, v, layout, block_tail.kernel, scale)
+                return block_tail.epilogue(q, k, v, layout, out, lse, scale)
+
+            ms = time_ms(kernel)
             say(f"  kernel config: {tuned_config()}")
             add(
                 BenchRow(

@@ -179,10 +179,7 @@ class BlockLayout:
                 f"needs {num_blocks(n_k, block_k)}"
             )
         counts = mask.sum(dim=-1)
-        if check:
-            kmax = max(1, int(counts.max()) if counts.numel() else 1)
-        else:
-            kmax = mask.shape[3]
+        kmax = max(1, int(counts.max()) if counts.numel() else 1) if check else mask.shape[3]
         # stable sort of the negated mask puts kept ids first, in ascending order
         order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax]
         return cls(

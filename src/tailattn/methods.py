@@ -1,7 +1,8 @@
-"""Method specs: ``SELECTION[(params)][+TAIL[(params)]]`` strings, the Method type, the registry.
+"""Method specs, the registry of selections and tails, and the bound method that runs itself.
 
 A method is a selection (which (query, key) pairs are computed exactly) plus a tail estimator
-(what happens to the dropped keys). Examples::
+(what happens to the dropped keys), written as a spec string
+``SELECTION[(params)][+TAIL[(params)]]``::
 
     "topk"                   top-k per query, tail dropped (Top-K renormalization)
     "topk+uta"               top-k, tail aggregated into one token (Eq. 13-14)
@@ -12,12 +13,13 @@ A method is a selection (which (query, key) pairs are computed exactly) plus a t
 The budget of budgeted selections (``topk`` and the block methods) is the keep ratio, given as
 ``keep=`` to :func:`tailattn.attention` or inside the spec (``topk(keep=0.1)``).
 
-Selections and tails come in granularities: ``token`` selections see exact logits (oracle
-policies) and pair with token tails; ``block`` selections produce a block layout and pair with
-block tails; ``fused`` selections run the attention themselves, because their decisions are
-made during the computation (the in-loop skipping of ``blasst``/``recall``, Rectified
-SpaAttn's rescaling), and pair with block tails. Modules register their classes with
-:data:`registry`; later parts of the library add methods without touching this file.
+Selections come in the kinds of :class:`Granularity` (their Protocols are in
+:mod:`tailattn.contract`); each kind takes the tails of one kind and has one runner, the
+executor that turns q, k, v into the output. :meth:`Registry.bind` parses a spec once into a
+:class:`BoundMethod` (selection object, tail object, runner) that :func:`tailattn.attention`,
+``apply()`` and the study run as it is. Modules register their classes with :data:`registry`
+(``@registry.selection``, ``@registry.tail``, ``@registry.runner``); later parts of the
+library add methods without touching this file.
 """
 
 from __future__ import annotations
@@ -25,10 +27,44 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
-GRANULARITIES = ("dense", "token", "block", "fused")
+if TYPE_CHECKING:
+    import torch
+
+    from .contract import Grid, Result
+
+
+class Granularity(str, Enum):
+    """What a selection works on, and so which tails it takes and which runner executes it.
+
+    ``DENSE``: nothing to select (full attention). ``TOKEN``: exact logits (oracle policies),
+    token tails. ``BLOCK``: a block layout from q and k, block tails. ``FUSED``: decides while
+    it computes and runs the attention itself, block tails.
+    """
+
+    DENSE = "dense"
+    TOKEN = "token"
+    BLOCK = "block"
+    FUSED = "fused"
+
+    @property
+    def tails(self) -> Granularity:
+        """The kind of tail this kind of selection takes (tails are TOKEN or BLOCK)."""
+        if self in (Granularity.DENSE, Granularity.TOKEN):
+            return Granularity.TOKEN
+        return Granularity.BLOCK
+
+
+def _granularity(value: object) -> Granularity:
+    try:
+        return Granularity(value)
+    except ValueError:
+        known = ", ".join(g.value for g in Granularity)
+        raise ValueError(f"granularity must be one of {known}, got {value!r}") from None
+
 
 _ARGS = r"\s*(?:\((?P<args>[^()]*)\))?\s*$"
 _SELECTION_PART = re.compile(r"^\s*(?P<name>[a-z][a-z0-9_-]*)" + _ARGS)
@@ -131,12 +167,17 @@ class Entry:
 
     name: str
     factory: Callable[..., Any]
-    granularity: str
+    granularity: Granularity
     summary: str
 
     @property
     def params(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.factory))
+
+    @property
+    def budgeted(self) -> bool:
+        """The selection takes a keep ratio."""
+        return "keep" in self.params
 
     def build(self, kind: str, params: Mapping[str, Any]) -> Any:
         unknown = sorted(set(params) - set(self.params))
@@ -159,35 +200,131 @@ class Entry:
         return self.factory(**params)
 
 
+Runner = Callable[..., "Result"]
+"""``runner(bound, q, k, v, *, scale, grid, state, backend, with_stats) -> Result`` on validated
+(B, H, N, D) tensors: the executor of one :class:`Granularity`."""
+
+
 @dataclass(frozen=True)
 class BoundMethod:
-    """A method ready to run: selection and tail objects of one granularity."""
+    """A method ready to run: the selection and tail objects, bound once, and their runner.
+
+    Call it on validated (B, H, N, D) tensors (:func:`tailattn.attention` validates and calls
+    it; so do ``apply()`` and the study, which bind once and call many times)::
+
+        bound = tailattn.registry.bind("block-topk+uta", keep=0.1)
+        result = bound(q, k, v, scale=q.shape[-1] ** -0.5)      # Result(out, lse, stats, info)
+
+    Attributes:
+        method: the parsed spec as written (keyword parameters live in the objects).
+        selection: the selection object (a Protocol of :mod:`tailattn.contract`).
+        tail: the tail object.
+        granularity: the selection's kind.
+        runner: the executor of that kind.
+    """
 
     method: Method
     selection: Any
     tail: Any
-    granularity: str
+    granularity: Granularity
+    runner: Runner = field(repr=False)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string."""
+        return self.method.spec
+
+    @property
+    def budgeted(self) -> bool:
+        """The selection takes a keep ratio (``keep=``)."""
+        return any(f.name == "keep" for f in dataclasses.fields(self.selection))
+
+    @property
+    def keep(self) -> float | None:
+        """The keep ratio the selection was bound with (``None`` without one)."""
+        return getattr(self.selection, "keep", None)
+
+    def with_keep(self, keep: float | None) -> BoundMethod:
+        """The same method at another keep ratio (the objects are rebuilt and checked)."""
+        if keep == self.keep:
+            return self
+        if not self.budgeted:
+            raise ValueError(f"method {self.spec!r} takes no keep ratio")
+        return dataclasses.replace(self, selection=dataclasses.replace(self.selection, keep=keep))
+
+    def new_state(self) -> Any:
+        """A fresh per-layer state for a stateful selection, ``None`` for the others."""
+        factory = getattr(self.selection, "new_state", None)
+        return factory() if callable(factory) else None
+
+    @property
+    def stateful(self) -> bool:
+        """The selection keeps state across calls of a layer (``new_state``)."""
+        return callable(getattr(self.selection, "new_state", None))
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        grid: Grid | None = None,
+        state: Any = None,
+        backend: str | None = None,
+        with_stats: bool = False,
+    ) -> Result:
+        """Run on validated (B, H, N, D) tensors; see :func:`tailattn.attention` for the
+        arguments. ``with_stats`` also computes the per-query statistics and info entries."""
+        return self.runner(
+            self,
+            q,
+            k,
+            v,
+            scale=scale,
+            grid=grid,
+            state=state,
+            backend=backend,
+            with_stats=with_stats,
+        )
 
 
 class Registry:
-    """Names of selections and tails, by granularity. Filled at import by the defining modules."""
+    """Names of selections and tails, by granularity, and one runner per granularity.
+    Filled at import by the defining modules."""
 
     def __init__(self) -> None:
         self._selections: dict[str, Entry] = {}
-        self._tails: dict[tuple[str, str], Entry] = {}
+        self._tails: dict[tuple[str, Granularity], Entry] = {}
+        self._runners: dict[Granularity, Runner] = {}
 
-    def selection(self, name: str, *, granularity: str, summary: str = "") -> Callable:
+    def selection(
+        self, name: str, *, granularity: Granularity | str, summary: str = ""
+    ) -> Callable:
         """Class decorator: register a frozen dataclass as a selection."""
-        return self._register(name, granularity, summary, tail=False)
+        return self._register(name, _granularity(granularity), summary, tail=False)
 
-    def tail(self, name: str, *, granularity: str, summary: str = "") -> Callable:
-        """Class decorator: register a frozen dataclass as a tail estimator."""
-        return self._register(name, granularity, summary, tail=True)
+    def tail(self, name: str, *, granularity: Granularity | str, summary: str = "") -> Callable:
+        """Class decorator: register a frozen dataclass as a tail estimator (of TOKEN or BLOCK
+        granularity)."""
+        kind = _granularity(granularity)
+        if kind not in (Granularity.TOKEN, Granularity.BLOCK):
+            raise ValueError(f"tails are token or block tails, got granularity {kind.value!r}")
+        return self._register(name, kind, summary, tail=True)
 
-    def _register(self, name: str, granularity: str, summary: str, *, tail: bool) -> Callable:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    def runner(self, granularity: Granularity | str) -> Callable[[Runner], Runner]:
+        """Function decorator: register the executor of one granularity."""
+        kind = _granularity(granularity)
 
+        def decorate(fn: Runner) -> Runner:
+            if kind in self._runners and self._runners[kind] is not fn:
+                raise ValueError(f"a runner for {kind.value!r} selections is registered twice")
+            self._runners[kind] = fn
+            return fn
+
+        return decorate
+
+    def _register(self, name: str, granularity: Granularity, summary: str, *, tail: bool):
         def decorate(cls: type) -> type:
             if not dataclasses.is_dataclass(cls):
                 raise TypeError(f"{cls.__name__} must be a dataclass to be registered")
@@ -203,16 +340,18 @@ class Registry:
     def selections(self) -> dict[str, Entry]:
         return dict(sorted(self._selections.items()))
 
-    def tails(self, granularity: str) -> dict[str, Entry]:
-        return {n: e for (n, g), e in sorted(self._tails.items()) if g == granularity}
+    def tails(self, granularity: Granularity | str) -> dict[str, Entry]:
+        kind = _granularity(granularity)
+        return {n: e for (n, g), e in sorted(self._tails.items()) if g == kind}
 
     def bind(
         self, method: str | Method, *, keep: float | None = None, **params: Any
     ) -> BoundMethod:
-        """Parse a spec, merge ``keep`` and keyword parameters, and build the objects.
+        """Parse a spec, merge ``keep`` and keyword parameters, and build the objects once.
 
         Keyword parameters go to whichever of selection and tail takes that name; a parameter
-        given both in the spec and as a keyword is an error.
+        given both in the spec and as a keyword is an error. ``bound.spec`` is the spec as
+        written (keywords not folded in); the objects hold every parameter.
         """
         m = Method.parse(method)
         if m.selection not in self._selections:
@@ -222,17 +361,18 @@ class Registry:
             )
         sel_entry = self._selections[m.selection]
         gran = sel_entry.granularity
-        tail_gran = {"dense": "token", "fused": "block"}.get(gran, gran)
-        tail_entry = self._tails.get((m.tail, tail_gran))
+        tail_entry = self._tails.get((m.tail, gran.tails))
         if tail_entry is None:
-            known = ", ".join(self.tails(tail_gran))
-            other = [g for (n, g) in self._tails if n == m.tail]
+            known = ", ".join(self.tails(gran.tails))
+            other = [g.value for (n, g) in self._tails if n == m.tail]
             why = (
                 f"tail {m.tail!r} works with {other[0]} selections only"
                 if other
                 else f"unknown tail {m.tail!r}"
             )
-            raise ValueError(f"{why}; {m.selection!r} is a {gran} selection and takes: {known}")
+            raise ValueError(
+                f"{why}; {m.selection!r} is a {gran.value} selection and takes: {known}"
+            )
         sel_params, tail_params = dict(m.selection_params), dict(m.tail_params)
         extra = dict(params)
         if keep is not None:
@@ -255,11 +395,14 @@ class Registry:
                         f"{key}={value!r} conflicts with {key}={target[key]!r} in method {m.spec!r}"
                     )
                 target[key] = value
+        if gran not in self._runners:
+            raise ValueError(f"no runner is registered for {gran.value} selections")
         return BoundMethod(
             m,
             sel_entry.build("selection", sel_params),
             tail_entry.build("tail", tail_params),
             gran,
+            self._runners[gran],
         )
 
 

@@ -4,18 +4,11 @@ Importing this package needs Triton; :func:`tailattn.kernels.unsupported_reason`
 dispatcher why given inputs cannot run on the kernel (``None`` when they can).
 """
 
-from .block_sparse import (
-    KERNEL_TAILS,
-    block_sparse_attention,
-    tailed_block_attention,
-    unsupported_reason,
-)
+from .block_sparse import block_sparse_attention, unsupported_reason
 from .pooling import block_sums
 
 __all__ = [
-    "KERNEL_TAILS",
     "block_sparse_attention",
     "block_sums",
-    "tailed_block_attention",
     "unsupported_reason",
 ]

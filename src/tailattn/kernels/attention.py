@@ -30,10 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import KernelTail
+
 TAIL_DROP: tl.constexpr = tl.constexpr(0)
 TAIL_UTA: tl.constexpr = tl.constexpr(1)
 TAIL_BLOCKS: tl.constexpr = tl.constexpr(2)
-TAIL_CODES = {"drop": 0, "uta": 1, "blocks": 2}
+TAIL_CODES = {KernelTail.DROP: 0, KernelTail.UTA: 1, KernelTail.BLOCKS: 2}
 
 LOG2E = 1.4426950408889634
 
@@ -259,7 +261,7 @@ def launch(
     block_q: int,
     block_k: int,
     scale: float,
-    tail: str,
+    tail: KernelTail,
     tail_tensors: dict[str, torch.Tensor],
     out: torch.Tensor,
     config: dict[str, int] | None = None,

@@ -1,4 +1,8 @@
-"""Python entry of the fused block-sparse kernel: checks, permutation, tail statistics, launch."""
+"""Python entry of the fused block-sparse kernel: checks, permutation, tail statistics, launch.
+
+The tail arrives as a :class:`~tailattn.contract.KernelTail` (what a block tail asks of the
+kernel); tails with more to do after the kernel do it in their own ``epilogue``.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,19 @@ import math
 
 import torch
 
+from ..contract import KernelTail
 from ..layout import BlockLayout
 from ..permute import permute_tokens, unpermute_tokens
-from ..reference.merge import merge_tokens
 from . import attention as _attn
 from .pooling import block_means, block_sums
 
-KERNEL_TAILS = ("drop", "uta", "blocks")
 KERNEL_BLOCK_SIZES = (64, 128)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def unsupported_reason(
-    q: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
-) -> str | None:
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> str | None:
     """Why the kernel cannot run these inputs (None when it can)."""
-    if tail not in KERNEL_TAILS:
-        return f"tail {tail!r} (the kernel runs {', '.join(KERNEL_TAILS)})"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     for name, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
@@ -42,13 +41,13 @@ def _prepared(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
 
 
 def _tail_tensors(
-    k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: str
+    k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, tail: KernelTail
 ) -> dict[str, torch.Tensor]:
-    """Per-block statistics the tail reads: sums for ``uta``, pooled tokens for ``blocks``."""
-    if tail == "drop":
+    """Per-block statistics the tail reads: sums for ``UTA``, pooled tokens for ``BLOCKS``."""
+    if tail is KernelTail.DROP:
         return {}
     b, h, _, d = k.shape
-    if tail == "uta":
+    if tail is KernelTail.UTA:
         sums = torch.empty(b, h, layout.num_k_blocks, d + v.shape[-1], device=k.device)
         ksum = block_sums(k, layout.block_k, out=sums[..., :d])
         vsum = block_sums(v, layout.block_k, out=sums[..., d:])
@@ -64,7 +63,7 @@ def block_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockLayout,
-    tail: str = "drop",
+    tail: KernelTail = KernelTail.DROP,
     scale: float | None = None,
     *,
     out: torch.Tensor | None = None,
@@ -79,7 +78,7 @@ def block_sparse_attention(
         v: (B, H, Nk, Dv).
         layout: kept key blocks; block sizes 64 or 128; its permutations are applied to the
             inputs and undone on the output.
-        tail: ``drop``, ``uta`` or ``blocks``.
+        tail: what the kernel computes for the dropped blocks (a block tail's ``kernel``).
         scale: logit scale, default 1/sqrt(D).
         out: optional (B, H, Nq, Dv) buffer in q's dtype with a unit stride on Dv to write into.
         config: fixed kernel config (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``)
@@ -89,7 +88,11 @@ def block_sparse_attention(
         out with q's shape (B, H, Nq, Dv) in q's dtype and original token order, and lse
         (B, H, Nq) float32 (natural log).
     """
-    reason = unsupported_reason(q, v, layout, tail)
+    if tail not in set(KernelTail):
+        runs = ", ".join(t.value for t in KernelTail)
+        raise ValueError(f"the Triton kernel cannot run tail {tail!r}: it runs {runs}")
+    tail = KernelTail(tail)
+    reason = unsupported_reason(q, v, layout)
     if reason is not None:
         raise ValueError(f"the Triton kernel cannot run {reason}")
     if q.device.type != "cuda" and not _attn.interpreting():
@@ -132,41 +135,3 @@ def block_sparse_attention(
         result = restored if out is None else out.copy_(restored)
         lse = unpermute_tokens(lse, layout.q_perm)
     return result, lse
-
-
-def tailed_block_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockLayout,
-    tail: str,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every block tail on the GPU: ``drop``/``uta``/``blocks`` fused in the kernel; ``moment``
-    as the ``drop`` kernel plus its second-order token from per-block sums in PyTorch, merged by
-    log-sum-exp (a fused form would need the d x d covariance per query block in the kernel).
-
-    Returns out in q's dtype and lse float32 (B, H, Nq), original token order.
-    """
-    if tail in KERNEL_TAILS:
-        return block_sparse_attention(q, k, v, layout, tail, scale)
-    if tail != "moment":
-        raise ValueError(f"no GPU path for block tail {tail!r}")
-    from ..tails.block import BlockMoment, key_block_sums, to_blocks
-
-    out, lse = block_sparse_attention(q, k, v, layout, "drop", scale)
-    qp = permute_tokens(q, layout.q_perm).float()
-    kp = permute_tokens(k, layout.kv_perm).float()
-    vp = permute_tokens(v, layout.kv_perm).float()
-    moment = BlockMoment()
-    kept = layout.to_dense()
-    summary = moment.prepare(key_block_sums(kp, vp, layout.block_k, True), kept.float())
-    rows = slice(0, layout.num_q_blocks)
-    tokens = moment.tokens(summary, to_blocks(qp, layout.block_q), rows, kept, scale)
-    b, h, n_q = q.shape[:3]
-
-    logits = unpermute_tokens(tokens.logits.reshape(b, h, -1)[:, :, :n_q], layout.q_perm)
-    values = tokens.values.reshape(b, h, -1, v.shape[-1])[:, :, :n_q]
-    values = unpermute_tokens(values, layout.q_perm)
-    merged, lse = merge_tokens(out.float(), lse, logits.unsqueeze(-1), values.unsqueeze(-2))
-    return merged.to(q.dtype), lse

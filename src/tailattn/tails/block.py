@@ -28,15 +28,17 @@ The executor (:func:`tailattn.reference.block_attention`) calls ``prepare`` once
 
 from __future__ import annotations
 
-import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from ..layout import block_sizes, to_blocks
+from ..contract import BlockTail, KernelTail
+from ..layout import BlockLayout, block_sizes, to_blocks
 from ..methods import registry
+from ..permute import permute_tokens, unpermute_tokens
 from ..reference.full import softmax_part
+from ..reference.merge import merge_tokens
 
 
 @dataclass(frozen=True)
@@ -139,34 +141,12 @@ def _mean_logit(q_blocks: torch.Tensor, key_mean: torch.Tensor, scale: float) ->
     return scale * torch.matmul(q_blocks, key_mean.unsqueeze(-1)).squeeze(-1)
 
 
-class BlockTail(abc.ABC):
-    """Base of the block tails: ``prepare`` per layout, ``tokens`` per chunk of query blocks."""
-
-    second_moments: ClassVar[bool] = False
-
-    def prepare(self, sums: KeyBlockSums, kept: torch.Tensor) -> Any:
-        """Per-layout statistics from the key-block sums and the float 0/1 mask (B, H, Mq, Mk)."""
-        return dropped_summary(sums, kept)
-
-    @abc.abstractmethod
-    def tokens(
-        self,
-        summary: Any,
-        q_blocks: torch.Tensor,
-        rows: slice,
-        kept: torch.Tensor,
-        scale: float,
-    ) -> ChunkTail:
-        """Tail tokens of query blocks ``rows``: q_blocks (B, H, c, bq, D), kept bool (B, H, c, Mk).
-
-        ``summary`` is what ``prepare`` returned for the whole layout.
-        """
-
-
 @registry.tail("drop", granularity="block", summary="discard the dropped blocks")
 @dataclass(frozen=True)
 class BlockDrop(BlockTail):
     """Discard the dropped blocks: the kept weights are renormalized (Eq. 5)."""
+
+    kernel: ClassVar[KernelTail] = KernelTail.DROP
 
     def prepare(self, sums: KeyBlockSums, kept: torch.Tensor) -> None:
         return None
@@ -185,6 +165,8 @@ class BlockDrop(BlockTail):
 @dataclass(frozen=True)
 class BlockUTA(BlockTail):
     """UTA over the dropped blocks: one token (s q.kbar_D + log N_d, vbar_D) (Eq. 10-14)."""
+
+    kernel: ClassVar[KernelTail] = KernelTail.UTA
 
     def tokens(self, summary: DroppedSummary, q_blocks, rows, kept, scale) -> ChunkTail:
         count = summary.count[:, :, rows]
@@ -211,6 +193,8 @@ class BlockMeans:
 @dataclass(frozen=True)
 class PooledBlocks(BlockTail):
     """Every dropped key block j is one token (s q.kbar_j + log n_j, vbar_j)."""
+
+    kernel: ClassVar[KernelTail] = KernelTail.BLOCKS
 
     def prepare(self, sums: KeyBlockSums, kept: torch.Tensor) -> BlockMeans:
         counts = sums.counts.unsqueeze(-1)
@@ -241,6 +225,7 @@ class BlockMoment(BlockTail):
     """The uta token corrected to second order: logit + log(1 + sigma^2/2), value
     vbar_D + c / (1 + sigma^2/2) (ours; :mod:`tailattn.tails.token`)."""
 
+    kernel: ClassVar[KernelTail] = KernelTail.DROP
     second_moments: ClassVar[bool] = True
 
     def tokens(self, summary: DroppedSummary, q_blocks, rows, kept, scale) -> ChunkTail:
@@ -258,3 +243,32 @@ class BlockMoment(BlockTail):
             implied=(zbar + torch.log(gain)).unsqueeze(-1),
             tokens=(count > 0).to(q_blocks.dtype),
         )
+
+    def epilogue(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: BlockLayout,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the ``drop`` kernel: the second-order token from per-block sums in PyTorch,
+        merged by log-sum-exp (a fused form would need the d x d covariance of each query
+        block's dropped set inside the kernel)."""
+        qp, kp, vp = (
+            permute_tokens(x, perm).float()
+            for x, perm in ((q, layout.q_perm), (k, layout.kv_perm), (v, layout.kv_perm))
+        )
+        kept = layout.to_dense()
+        summary = self.prepare(key_block_sums(kp, vp, layout.block_k, True), kept.float())
+        rows = slice(0, layout.num_q_blocks)
+        tokens = self.tokens(summary, to_blocks(qp, layout.block_q), rows, kept, scale)
+        b, h, n_q = q.shape[:3]
+        logits = tokens.logits.reshape(b, h, -1)[:, :, :n_q]
+        values = tokens.values.reshape(b, h, -1, v.shape[-1])[:, :, :n_q]
+        logits = unpermute_tokens(logits, layout.q_perm)
+        values = unpermute_tokens(values, layout.q_perm)
+        merged, lse = merge_tokens(out.float(), lse, logits.unsqueeze(-1), values.unsqueeze(-2))
+        return merged.to(out.dtype), lse

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from ...methods import Method, registry
+from ...methods import BoundMethod, Granularity, Method, registry
 from .models import ModelKind, find_transformers
 from .processors import TailProcessor
 from .runtime import LayerCall, LayerRoute, Observer, Runtime
 from .schedule import KeepSchedule, Schedule, check_layers
-from .state import StateKey, StateStore, state_factory
+from .state import StateKey, StateStore
 
 
 def _timestep_value(timestep: object) -> float:
@@ -73,7 +73,7 @@ class Handle:
         runtime: Runtime,
     ) -> None:
         self.models = tuple(model for model, _ in targets)
-        self.method = runtime.method.spec
+        self.method = runtime.bound.spec
         self.layers = tuple(layers)
         self._runtime = runtime
         self._originals: list[tuple[torch.nn.Module, object]] = []
@@ -175,10 +175,41 @@ def _check_installable(
                 )
 
 
+DEFAULT_METHOD = "svg2+uta"
+"""The method of ``apply()`` when none is given."""
+DEFAULT_KEEP = 0.1
+"""The keep ratio of budgeted methods when ``apply()`` gets none."""
+
+
+def _bind(
+    method: str | Method | BoundMethod, keep: float | str | None, params: dict[str, Any]
+) -> BoundMethod:
+    """Bind once. ``keep="default"``: :data:`DEFAULT_KEEP` for a budgeted method whose spec
+    has no keep, nothing for the others; a number given to a method without a budget stays an
+    error."""
+    if keep == "default":
+        keep = None
+        spec = method if isinstance(method, BoundMethod) else Method.parse(method)
+        entry = None if isinstance(spec, BoundMethod) else registry.selections().get(spec.selection)
+        in_spec = entry is not None and "keep" in dict(spec.selection_params)
+        if entry is not None and entry.budgeted and not in_spec and "keep" not in params:
+            keep = DEFAULT_KEEP
+    elif isinstance(keep, str):
+        raise ValueError(f"keep must be a number in (0, 1], None or 'default', got {keep!r}")
+    if isinstance(method, BoundMethod):
+        if keep is not None or params:
+            raise ValueError(
+                "method is already bound: give keep= and parameters to registry.bind(), "
+                "not to apply()"
+            )
+        return method
+    return registry.bind(method, keep=keep, **params)
+
+
 def apply(
     model_or_pipeline: object,
-    method: str | Method = "svg2+uta",
-    keep: float | None = 0.1,
+    method: str | Method | BoundMethod = DEFAULT_METHOD,
+    keep: float | str | None = "default",
     *,
     warmup_steps: int = 0,
     dense_layers: Collection[int] = (),
@@ -196,8 +227,11 @@ def apply(
 
     Args:
         model_or_pipeline: the transformer or the pipeline.
-        method: tailattn method spec (``tailattn.attention``), e.g. ``"svg2+uta"``, ``"topk+uta"``.
-        keep: keep ratio of video keys for budgeted methods; ``None`` for methods without one.
+        method: tailattn method spec (``tailattn.attention``), e.g. ``"svg2+uta"``, ``"topk+uta"``,
+            or a method bound with ``tailattn.registry.bind``.
+        keep: keep ratio of video keys for budgeted methods; ``"default"``:
+            :data:`DEFAULT_KEEP` (0.1) for budgeted methods and nothing for methods without a
+            budget; ``None``: no keep ratio (e.g. DFSAttn's own keep schedule).
         warmup_steps: the first diffusion steps that run dense.
         dense_layers: layer indices (``models``) that always run dense, e.g. ``(0,)``.
         layers: layer indices to patch (default: all); the others stay stock.
@@ -221,17 +255,17 @@ def apply(
         for count in counts
     ]
     dense = check_layers(dense_layers, "dense_layers", n_layers)
-    bound = registry.bind(method, keep=keep, **method_params)
+    bound = _bind(method, keep, method_params)
     schedule = Schedule(
-        keep=keep,
+        keep=bound.keep,
         warmup_steps=warmup_steps,
         dense_layers=dense,
         keep_schedule=keep_schedule,
-        dense_method=bound.granularity == "dense",
+        dense_method=bound.granularity is Granularity.DENSE,
     )
-    if keep_schedule is not None and keep is None:
+    if keep_schedule is not None and bound.keep is None:
         raise ValueError("keep_schedule needs a budgeted method and keep= for the steps before it")
     _check_installable(targets, chosen)
-    states = StateStore(state_factory(bound.selection))
-    runtime = Runtime(bound.method, method_params, schedule, states)
+    states = StateStore(bound.new_state if bound.stateful else None)
+    runtime = Runtime(bound, schedule, states)
     return Handle(targets, chosen, runtime)

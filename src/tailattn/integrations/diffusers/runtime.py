@@ -13,15 +13,13 @@ decisions never become guards (no recompilation as steps advance).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
-from ..._api import attention
-from ..._checks import check_grid
-from ...methods import Method
+from ..._checks import check_grid, check_qkv, check_scale
+from ...methods import BoundMethod
 from .clock import StepClock, Tick
 from .joint import SparsePart, TokenOrder, dense_attention, joint_attention
 from .schedule import Plan, Schedule
@@ -73,15 +71,9 @@ class Runtime:
     """The per-handle context of attention calls (module docstring). No global state: every
     handle has its own runtime."""
 
-    def __init__(
-        self,
-        method: Method,
-        params: Mapping[str, Any],
-        schedule: Schedule,
-        states: StateStore,
-    ) -> None:
-        self.method = method
-        self.params = dict(params)
+    def __init__(self, bound: BoundMethod, schedule: Schedule, states: StateStore) -> None:
+        self.bound = bound
+        self._by_keep = {bound.keep: bound}
         self.schedule = schedule
         self.states = states
         self.clock = StepClock()
@@ -165,32 +157,41 @@ class Runtime:
             q, k, v, order, self._sparse(plan, grid, state), mask=mask, backend=backend
         )
 
+    def _bound_at(self, keep: float | None) -> BoundMethod:
+        """The method bound at this keep ratio (bound once per keep the schedule uses)."""
+        if keep not in self._by_keep:
+            self._by_keep[keep] = self.bound.with_keep(keep)
+        return self._by_keep[keep]
+
     def _sparse(self, plan: Plan, grid: tuple[int, int, int], state: object | None) -> SparsePart:
         """The method over video tokens at this call's keep, grid and state."""
-        params = dict(self.params)
-        if state is not None:
-            params["state"] = state
+        bound = self._bound_at(plan.keep)
 
         def sparse(
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            result = attention(
-                q,
-                k,
-                v,
-                self.method,
-                keep=plan.keep,
-                grid=grid,
-                layout="bnhd",
-                return_info=need_lse,
-                **params,
-            )
-            if need_lse:
-                out, info = result
-                return out, info["lse"]
-            return result, None
+            return run_method(bound, q, k, v, grid=grid, state=state, need_lse=need_lse)
 
         return sparse
+
+
+def run_method(
+    bound: BoundMethod,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int, int],
+    state: object | None,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sparse call on (B, N, H, D) tensors as a processor passes them: out (B, N, H, Dv) in
+    q's dtype and, when asked for, lse (B, H, N). The bound method runs as it is (no binding,
+    no statistics); the stock processor computed q, k, v, so only shapes are checked here."""
+    q4, k4, v4 = check_qkv(q, k, v, "bnhd", finite=False)
+    result = bound(q4, k4, v4, scale=check_scale(None, q4.shape[-1]), grid=grid, state=state)
+    out = result.out.to(q.dtype).transpose(1, 2)
+    return out, (result.lse if need_lse else None)
 
 
 class LayerRoute:

@@ -28,12 +28,6 @@ class StateKey:
     branch: int
 
 
-def state_factory(selection: object) -> Callable[[], object] | None:
-    """The selection's ``new_state`` when it declares one, else ``None``."""
-    factory = getattr(selection, "new_state", None)
-    return factory if callable(factory) else None
-
-
 class StateStore(Mapping[StateKey, object]):
     """State objects by key, created on first use by the method's factory."""
 
