@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods import registry
+from ..methods import Granularity
 from .anatomy import AnatomyAccumulator, log_p_histogram
 from .chunk import Chunk
 from .fused import fused_job
@@ -107,15 +107,14 @@ def build_jobs(
     jobs, skipped = [], {}
     states: dict[str, object] = {}
     for (selection, keep), members in groups.items():
-        info = methods[members[0].spec]
-        bound = registry.bind(selection, keep=keep)
-        if info.granularity == "token":
-            tails = [(p, token_tail(registry.bind(p.spec, keep=keep).tail)) for p in members]
-            jobs.append(Job(TokenMask(bound.selection), tails))
+        bound = {p: methods[p.spec].at(keep) for p in members}
+        first = bound[members[0]]
+        sel = first.selection
+        if first.granularity is Granularity.TOKEN:
+            jobs.append(Job(TokenMask(sel), [(p, token_tail(bound[p].tail)) for p in members]))
             continue
-        sel = bound.selection
-        if info.granularity == "fused":
-            named = [(p, methods[p.spec].tail) for p in members]
+        if first.granularity is Granularity.FUSED:
+            named = [(p, bound[p].tail) for p in members]
             try:
                 mask, tails = fused_job(sel, named, (q, k, v), scale, grid, rows)
             except ValueError as err:
@@ -123,16 +122,16 @@ def build_jobs(
                 continue
             jobs.append(Job(mask, tails))
             continue
-        wants_state = hasattr(sel, "new_state") and not getattr(sel, "steps_state", False)
+        wants_state = first.stateful and not getattr(sel, "steps_state", False)
         if selection not in states and wants_state:
-            states[selection] = sel.new_state()
+            states[selection] = first.new_state()
         try:
             layout = sel(q, k, scale=scale, grid=grid, state=states.get(selection))
         except ValueError as err:
             skipped.update({p: str(err) for p in members})
             continue
         mask = BlockMask.from_layout(layout)
-        tails = [(p, block_tail(methods[p.spec].tail, mask.key_groups)) for p in members]
+        tails = [(p, block_tail(bound[p].tail, mask.key_groups)) for p in members]
         jobs.append(Job(mask, tails))
     return jobs, skipped
 

@@ -63,7 +63,8 @@ def fused_job(
 ) -> tuple[BlockMask, list]:
     """The mask and the (pair, tail evaluator) list of a fused selection on one unit.
 
-    ``tails``: (pair, tail name) of every pair of this selection; ``qkv`` (1, 1, N, D) each.
+    ``tails``: (pair, block tail object) of every pair of this selection; ``qkv`` (1, 1, N, D)
+    each.
     """
     q, k, v = qkv
     if isinstance(selection, Rectified):
@@ -74,5 +75,5 @@ def fused_job(
         tiles = torch.unique(rows // selection.block_q)
         layout = selection.layout(q, k, v, scale=scale, query_blocks=tiles)
         mask = BlockMask.from_layout(layout)
-        return mask, [(pair, block_tail(name, mask.key_groups)) for pair, name in tails]
+        return mask, [(pair, block_tail(tail, mask.key_groups)) for pair, tail in tails]
     raise ValueError(f"the study cannot evaluate the fused selection {type(selection).__name__}")

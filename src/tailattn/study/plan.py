@@ -11,10 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .._checks import check_fraction
-from ..methods import Method, registry
+from ..methods import BoundMethod, Granularity, Method, registry
+from ..tails import BlockDrop, BlockMoment, BlockUTA, PooledBlocks
 
-BLOCK_TAILS = ("drop", "uta", "moment", "blocks")
-"""Block tails the study evaluates (on the exact logits of the sampled rows, see token_pass)."""
+BLOCK_TAILS = (BlockDrop, BlockUTA, BlockMoment, PooledBlocks)
+"""Block tails the study evaluates (on the exact logits of the sampled rows, :mod:`.tails`)."""
 
 
 @dataclass(frozen=True)
@@ -25,24 +26,32 @@ class MethodInfo:
         spec: canonical spec string (``topk+uta``).
         selection: canonical selection part (``topk``, ``svg2(top_p=0.8)``).
         tail: tail name; ``tail_params`` its parameters.
-        granularity: ``token``, ``block`` or ``fused``.
-        budgeted: the selection takes ``keep``.
+        bound: the method bound once (at keep 0.5 when budgeted; see :meth:`at`).
     """
 
     spec: str
     selection: str
     tail: str
     tail_params: tuple
-    granularity: str
-    budgeted: bool
+    bound: BoundMethod
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.bound.granularity
+
+    @property
+    def budgeted(self) -> bool:
+        """The selection takes ``keep``."""
+        return self.bound.budgeted
 
     @property
     def base(self) -> str:
         """The same selection with the ``drop`` tail: what a ``+tail`` is compared against."""
         return self.selection
 
-    def bind(self, keep: float | None):
-        return registry.bind(self.spec, keep=keep)
+    def at(self, keep: float | None) -> BoundMethod:
+        """The bound method at a pair's keep ratio."""
+        return self.bound.with_keep(keep) if self.budgeted else self.bound
 
 
 @dataclass(frozen=True)
@@ -64,27 +73,17 @@ def parse_method(spec: str) -> MethodInfo:
     if method.selection not in selections:
         raise ValueError(
             f"unknown selection {method.selection!r} in method {spec!r}; known: "
-            f"{', '.join(n for n, e in selections.items() if e.granularity != 'dense')}"
+            f"{', '.join(n for n, e in selections.items() if e.granularity != Granularity.DENSE)}"
         )
     entry = selections[method.selection]
-    if entry.granularity == "dense":
+    if entry.granularity is Granularity.DENSE:
         raise ValueError(f"method {spec!r} is dense attention, the study's reference itself")
-    budgeted = "keep" in entry.params
-    registry.bind(method, keep=0.5 if budgeted else None)
-    if entry.granularity in ("block", "fused") and method.tail not in BLOCK_TAILS:
-        raise ValueError(
-            f"the study evaluates block tails {', '.join(BLOCK_TAILS)}; "
-            f"{spec!r} has {method.tail!r}"
-        )
+    bound = registry.bind(method, keep=0.5 if entry.budgeted else None)
+    if bound.granularity.tails is Granularity.BLOCK and not isinstance(bound.tail, BLOCK_TAILS):
+        names = ", ".join(registry.tails("block"))
+        raise ValueError(f"the study evaluates block tails {names}; {spec!r} has {method.tail!r}")
     selection = Method(method.selection, "drop", method.selection_params).spec
-    return MethodInfo(
-        method.spec,
-        selection,
-        method.tail,
-        method.tail_params,
-        entry.granularity,
-        budgeted,
-    )
+    return MethodInfo(method.spec, selection, method.tail, method.tail_params, bound)
 
 
 def parse_methods(specs: Iterable[str]) -> list[MethodInfo]:

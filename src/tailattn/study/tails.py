@@ -37,7 +37,17 @@ from typing import Any
 import torch
 
 from ..reference import evaluate_chunk
-from ..tails import UTA, Bins, Drop, Moment, UTANorm
+from ..tails import (
+    UTA,
+    Bins,
+    BlockDrop,
+    BlockMoment,
+    BlockUTA,
+    Drop,
+    Moment,
+    PooledBlocks,
+    UTANorm,
+)
 from .chunk import Chunk, take
 from .selections import Kept
 
@@ -228,14 +238,18 @@ def token_tail(tail: Any) -> TailEval:
     return TailEval("other", fallback=tail)
 
 
-def block_tail(name: str, key_groups: Groups) -> TailEval:
-    """The evaluator of a block tail by name, on the token mask of a block layout.
+def block_tail(tail: Any, key_groups: Groups) -> TailEval:
+    """The evaluator of a registry block tail object, on the token mask of a block layout.
 
     ``uta`` and ``moment`` from block sums equal their token forms on the same dropped set
     (s q.kbar_D = mean_D z); ``blocks`` is one group per dropped key block.
     """
-    if name in ("drop", "uta", "moment"):
-        return TailEval(name)
-    if name == "blocks":
+    if isinstance(tail, BlockDrop):
+        return TailEval("drop")
+    if isinstance(tail, BlockUTA):
+        return TailEval("uta")
+    if isinstance(tail, BlockMoment):
+        return TailEval("moment")
+    if isinstance(tail, PooledBlocks):
         return TailEval("blocks", groups=key_groups)
-    raise ValueError(f"block tail {name!r} is not supported by the study")
+    raise ValueError(f"block tail {type(tail).__name__} is not supported by the study")
