@@ -4,6 +4,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -13,7 +14,7 @@ from diffusers_tiny import (
     plain,
     wan,
 )
-from tailattn.integrations.diffusers import cli
+from tailattn.cli import capture as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +58,7 @@ def test_capture_command_writes_the_chosen_entries(app, tmp_path):
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--frames", "2"])
     assert result.exit_code == 0, result.output
     assert "4 entries" in plain(result.output)
-    assert app.loaded[0][1:] == (cli.DTYPES["float32"], "cpu")
+    assert app.loaded[0][1:] == (torch.float32, "cpu")
     loaded = capture_module.load_capture(out)
     assert [(e.layer, e.step) for e in loaded.entries] == [(0, 1), (2, 1), (0, 2), (2, 2)]
     assert loaded.meta["prompt"] == "a red ball"

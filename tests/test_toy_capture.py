@@ -10,8 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from diffusers_tiny import one_thread, plain  # noqa: F401
+from tailattn.cli import capture as capture_cli
 from tailattn.integrations.diffusers import capture
-from tailattn.integrations.diffusers import cli as capture_cli
 from tailattn.toy.capture import default_steps, write_toy_capture
 from tailattn.toy.pipeline import load_pipeline
 from toy_tiny import tiny_weights  # noqa: F401

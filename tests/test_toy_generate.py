@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffusers_tiny import one_thread, plain  # noqa: F401
+from tailattn.cli.generate import generate_command
 from tailattn.toy import quality, weights
-from tailattn.toy.cli import DEFAULT_KEEP, generate_command, keep_for
 from tailattn.toy.pipeline import label_of
 from tailattn.toy.sample import dense_and_sparse, sigmas
 from toy_tiny import tiny_weights  # noqa: F401
@@ -89,14 +89,6 @@ def test_psnr_and_ssim():
     assert quality.ssim(noisier, video) < quality.ssim(noisy, video) < 1
     with pytest.raises(ValueError, match="equal shapes"):
         quality.psnr(video, video[:1])
-
-
-def test_keep_defaults_by_method():
-    assert keep_for("full", None) is None
-    assert keep_for("radial+uta", None) == DEFAULT_KEEP
-    assert keep_for("radial+uta", 0.3) == 0.3
-    with pytest.raises(ValueError, match="unknown selection"):
-        keep_for("nope", None)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ plus noise, scaled to unit variance per channel.
 
 Everything is deterministic in ``(seed, head)`` and generated one head at a time
 (:meth:`SyntheticSource.head`), so the largest preset needs only one head's q, k, v in memory.
-The statistics it is built to match (seed 001, Sec. 3.4.1 and Fig. 1/3) are measured by the
+The statistics it is built to match (UTA paper, Sec. 3.4.1 and Fig. 1/3) are measured by the
 study's ``anatomy`` experiment and tested in ``tests/test_synthetic.py``.
 """
 
@@ -38,28 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .presets import PRESETS, Preset
+
 ARCHETYPES = ("spatial", "temporal", "semantic", "diffuse", "sink", "mixed")
 
-
-@dataclass(frozen=True)
-class Preset:
-    """A shape preset: latent grid (T, H, W), heads, head dim."""
-
-    grid: tuple[int, int, int]
-    heads: int
-    head_dim: int
-    description: str
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.grid)
-
-
-PRESETS: dict[str, Preset] = {
-    "small": Preset((8, 16, 16), 6, 64, "demo size: 2,048 tokens, one head per archetype"),
-    "wan-1.3b-480p": Preset((21, 30, 52), 12, 128, "Wan2.1-T2V-1.3B at 480p: N = 32,760"),
-    "wan-14b-720p": Preset((21, 45, 80), 40, 128, "Wan2.1-T2V-14B at 720p: N = 75,600"),
-}
 
 # strengths per archetype in logit units at scale 1/sqrt(d): positional peak on the t axis and
 # on each of the h and w axes, content (same label), sink, and the noise scale

@@ -3,7 +3,7 @@ r"""Space-filling curve orders of the latent grid (T, H, W): 3D Hilbert and gene
 A block-sparse method cuts the token sequence into runs of 128; in (t, h, w) row-major order a
 run is a sliver of one or two grid rows, while along a space-filling curve it is a compact
 box, so the tokens of a block attend alike and a block's pooled score represents them better
-(DFSAttn, seed 004; Rectified SpaAttn optionally).
+(DFSAttn; Rectified SpaAttn optionally).
 
 * ``hilbert``: the 3D Hilbert curve of the cube of side 2^bits, bits = ceil(log2 max(T, H, W))
   (METHODS.md section 5), restricted to the grid: grid points sorted by their Hilbert index,

@@ -1,4 +1,4 @@
-r"""DFSAttn (seed 004): curve reordering, hierarchical block scores, a mask cache over steps.
+r"""DFSAttn: curve reordering, hierarchical block scores, a mask cache over steps.
 
 1. Reorder the video tokens along a 3D curve over the grid (T, H, W), text tokens last
    (:func:`tailattn.select.curves.grid_order`; ``curve="hilbert"`` is the paper's Hilbert curve,

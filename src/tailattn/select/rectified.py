@@ -1,4 +1,4 @@
-r"""Rectified SpaAttn (seed 003): sparse attention rescaled and compensated against an implicit
+r"""Rectified SpaAttn: sparse attention rescaled and compensated against an implicit
 full-attention reference computed from pooled blocks (METHODS.md section 6).
 
 Tokens are optionally reordered along a 3D curve (``curve``, default row-major) with the

@@ -1,5 +1,5 @@
 """The oracle study: realistic attention, every method on the same exact logits, the paper's
-tables and figures (seed 001, Sec. 4) as a markdown report with PNG figures and a JSON file.
+tables and figures (UTA paper, Sec. 4) as a markdown report with PNG figures and a JSON file.
 
 Entry points: :func:`run_study` with a :class:`StudyConfig`, then :func:`write_report`; the
 ``tailattn study`` command wraps both.
@@ -10,7 +10,7 @@ from .config import (
     DEFAULT_METHODS,
     EXPERIMENTS,
     METHOD_SETS,
-    SEED_METHODS,
+    PEER_METHODS,
     StudyConfig,
     expand_methods,
 )
@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "EXPERIMENTS",
     "METHOD_SETS",
-    "SEED_METHODS",
+    "PEER_METHODS",
     "StudyConfig",
     "StudyResult",
     "expand_methods",

@@ -1,4 +1,4 @@
-r"""Anatomy of the exact attention rows (seed 001, Sec. 3.4.1, Fig. 1a and Fig. 3).
+r"""Anatomy of the exact attention rows (UTA paper, Sec. 3.4.1, Fig. 1a and Fig. 3).
 
 Per query row with probabilities sorted in descending order p_(1) >= ... >= p_(N):
 

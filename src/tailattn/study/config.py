@@ -18,12 +18,12 @@ EXPERIMENTS = (
     "anatomy",
     "steps",
 )
-"""Experiment names, as in seed 001 and METHODS.md section 1."""
+"""Experiment names, after the UTA paper's Sec. 4 (docs/methods.md)."""
 
 DEFAULT_METHODS = ("topk", "topk+uta", "svg2", "svg2+uta", "topk+moment", "svg2+blocks")
 """Table 1 of the paper (Top-K, Top-K+UTA, SVG2, SVG2+UTA) plus two tails of ours."""
 
-SEED_METHODS = (
+PEER_METHODS = (
     "dfs",
     "dfs+uta",
     "block-topp+uta",
@@ -35,10 +35,10 @@ SEED_METHODS = (
     "recall(bound=exact)",
     "recall(bound=exact)+uta",
 )
-"""The seed methods (DFSAttn, Rectified SpaAttn, BLASST, fixed recall) and the block top-p
-baselines Rectified is compared with; ``--methods seed``."""
+"""The peer methods (DFSAttn, Rectified SpaAttn, BLASST, fixed recall) and the block top-p
+baselines Rectified is compared with; ``--methods peers``."""
 
-METHOD_SETS = {"paper": DEFAULT_METHODS, "seed": SEED_METHODS}
+METHOD_SETS = {"paper": DEFAULT_METHODS, "peers": PEER_METHODS}
 """Named method lists: a ``--methods`` entry with one of these names stands for the list."""
 
 

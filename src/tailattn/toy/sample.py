@@ -103,7 +103,7 @@ class Comparison:
 def dense_and_sparse(
     model: ToyModel,
     method: str,
-    keep: float | None,
+    keep: float | str | None,
     *,
     seed: int,
     labels: torch.Tensor,

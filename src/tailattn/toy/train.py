@@ -19,15 +19,16 @@ the frame strip, ends within ``--minutes``. ``DIR`` receives the weight shards a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
 from . import data, weights
 from .model import ToyConfig, ToyModel
@@ -213,37 +214,43 @@ def train(settings: Settings, out: Path) -> Path:
     return card_path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m tailattn.toy.train", description="Train the toy video DiT from scratch."
-    )
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget")
-    parser.add_argument("--out", type=Path, required=True, help="directory for weights and logs")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--config", choices=("default", "tiny"), default="default")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--strip-steps", type=int, default=SAMPLING["steps"])
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
+def train_command(
+    minutes: Annotated[float, typer.Option(help="wall-clock budget of the whole run")],
+    out: Annotated[Path, typer.Option(help="directory for weights and logs")],
+    device: Annotated[str, typer.Option(help="torch device, e.g. cuda")] = "cpu",
+    config: Annotated[str, typer.Option(help="model size: default or tiny")] = "default",
+    batch: Annotated[int, typer.Option(help="clips per step")] = 64,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="seed of the data, noise and weights")] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    log_every: Annotated[int, typer.Option(help="steps between loss log entries")] = 25,
+    strip_steps: Annotated[int, typer.Option(help="sampling steps of the frame strip")] = SAMPLING[
+        "steps"
+    ],
+) -> None:
+    """Train the toy video DiT from scratch (module docstring)."""
+    if config not in ("default", "tiny"):
+        raise typer.BadParameter(f"--config must be default or tiny, got {config!r}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise typer.BadParameter(f"--device {device!r} is not available here ({err})") from None
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     settings = Settings(
-        minutes=args.minutes,
-        device=args.device,
-        config=args.config,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        log_every=args.log_every,
-        strip_steps=args.strip_steps,
+        minutes=minutes,
+        device=device,
+        config=config,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        max_steps=max_steps,
+        log_every=log_every,
+        strip_steps=strip_steps,
     )
-    train(settings, args.out)
+    train(settings, out)
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(train_command)

@@ -1,6 +1,6 @@
 """``tailattn capture``: run a local diffusers video pipeline and capture q, k, v to a file.
 
-The project's CLI registers :func:`capture_command` as its ``capture`` command. It loads the
+Needs the ``diffusers`` extra. It loads the
 pipeline (``DiffusionPipeline.from_pretrained``), runs it once with ``output_type="latent"``
 (no VAE decode), and writes the chosen layers and steps with ``capture`` (see ``capture`` for
 what is recorded). The diffusion steps show as a progress bar.
@@ -12,14 +12,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .capture import capture
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
 TOY = "toy"
 """``--model toy``: the project's toy video DiT, shipped with the package."""
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -50,11 +47,11 @@ def _looks_like_hub_id(model: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
 
 
-def _load_pipeline(model: str, dtype: torch.dtype, device: str) -> Any:
+def _load_pipeline(model: str, dtype: Any, device: str) -> Any:
     """A diffusers pipeline from a local directory (or a hub id), on ``device``; ``toy``: the
     project's toy model (``tailattn.toy.pipeline``)."""
     if model == TOY:
-        from ...toy.pipeline import load_pipeline
+        from ..toy.pipeline import load_pipeline
 
         return load_pipeline(dtype, device)
     from diffusers import DiffusionPipeline
@@ -97,12 +94,26 @@ def capture_command(
         raise typer.BadParameter(str(err)) from None
     if dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    import torch
+
+    if model == TOY:
+        from ..toy.pipeline import label_of
+
+        try:
+            label_of(prompt)
+        except ValueError as err:
+            raise typer.BadParameter(f"--prompt: {err}") from None
     if num_steps < 1:
         raise typer.BadParameter(f"--num-steps must be at least 1, got {num_steps}")
     if model != TOY and not Path(model).is_dir() and not _looks_like_hub_id(model):
         raise typer.BadParameter(f"--model {model!r} is neither a directory nor a hub id")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = _load_pipeline(model, DTYPES[dtype], device)
+    try:
+        from ..integrations.diffusers import capture
+    except ImportError as err:
+        Console().print(f"[red]error:[/red] tailattn capture needs diffusers ({err})")
+        raise typer.Exit(2) from None
+    pipe = _load_pipeline(model, getattr(torch, dtype), device)
     pipe.set_progress_bar_config(disable=True)
     size = {"height": height, "width": width, "num_frames": frames}
     size = {key: value for key, value in size.items() if value is not None}

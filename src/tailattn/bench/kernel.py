@@ -1,4 +1,4 @@
-"""Attention speed on the GPU: dense baselines, FlexAttention with the same mask, tailattn kernels.
+"""Kernel speed on the GPU: dense baselines, FlexAttention with the same mask, tailattn kernels.
 
 All timings are CUDA-event medians from ``triton.testing.do_bench`` on random non-zero inputs,
 forward only. Effective TFLOP/s counts the computed (query, key) pairs only:
@@ -15,20 +15,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .layout import BlockLayout
-
-SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "wan-1.3b-480p": (1, 12, 32760, 128),
-    "wan-14b-720p": (1, 40, 75600, 128),
-}
+from ..data.presets import PRESETS
+from ..layout import BlockLayout
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """A preset name or ``B,H,N,D``."""
-    if text in SHAPES:
-        return SHAPES[text]
+    """A preset name (:data:`tailattn.data.presets.PRESETS`) or ``B,H,N,D``."""
+    if text in PRESETS:
+        return PRESETS[text].bhnd
     if not re.fullmatch(r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", text):
-        raise ValueError(f"shape must be one of {sorted(SHAPES)} or B,H,N,D; got {text!r}")
+        raise ValueError(f"shape must be one of {sorted(PRESETS)} or B,H,N,D; got {text!r}")
     b, h, n, d = (int(x) for x in text.split(","))
     if min(b, h, n, d) < 1:
         raise ValueError(f"shape entries must be positive, got {text!r}")
@@ -80,8 +76,8 @@ def run(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from .kernels import block_sparse_attention
-    from .methods import registry
+    from ..kernels import block_sparse_attention
+    from ..methods import registry
 
     say = progress or (lambda _: None)
 
@@ -143,7 +139,7 @@ def run(
 
 def tuned_config() -> str:
     """The autotuner's last choice for the fused kernel (for the benchmark log)."""
-    from .kernels.attention import _block_sparse_fwd_tuned
+    from ..kernels.attention import _block_sparse_fwd_tuned
 
     return str(getattr(_block_sparse_fwd_tuned, "best_config", None))
 

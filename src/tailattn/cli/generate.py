@@ -1,11 +1,11 @@
 """``tailattn generate``: dense and sparse video from the same noise with the toy model.
 
-The project's CLI registers :func:`generate_command` as its ``generate`` command. It samples the
-toy model (``sample.dense_and_sparse``) densely and with a tailattn method from the same noise,
-shows the diffusion steps as a progress bar, prints the attention-output MSE per step (averaged
-over layers; ``probe``) and the PSNR and SSIM of the sparse video against the dense one
-(``quality``), and writes a side-by-side animation (dense left, sparse right) as GIF, and MP4
-when imageio-ffmpeg is installed (``strip``).
+Needs the ``diffusers`` extra. It samples the toy model (``toy.sample.dense_and_sparse``) densely
+and with a tailattn method from the same noise, shows the diffusion steps as a progress bar,
+prints the attention-output MSE per step (averaged over layers; ``toy.probe``) and the PSNR and
+SSIM of the sparse video against the dense one (``toy.quality``), and writes a side-by-side
+animation (dense left, sparse right) as GIF, and MP4 when imageio-ffmpeg is installed
+(``toy.strip``).
 """
 
 from __future__ import annotations
@@ -13,44 +13,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..methods import Method, registry
-from . import data
-from .pipeline import DEFAULT_SHIFT, label_of
-from .quality import psnr, ssim
-from .sample import Comparison, dense_and_sparse
-from .strip import save_animation, side_by_side
 
-DEFAULT_KEEP = 0.1
+def _print_report(console: Console, result: Any, seconds: float) -> None:
+    from ..toy.quality import psnr, ssim
 
-
-def keep_for(method: str, keep: float | None) -> float | None:
-    """``keep``, or :data:`DEFAULT_KEEP` for a method whose selection takes a keep ratio and
-    ``None`` for one that does not (``full``, ``topp``...).
-
-    Raises:
-        ValueError: an unparsable spec or an unknown selection.
-    """
-    if keep is not None:
-        return keep
-    selection = Method.parse(method).selection
-    entry = registry.selections().get(selection)
-    if entry is None:
-        raise ValueError(
-            f"unknown selection {selection!r} in method {method!r}; known: "
-            f"{', '.join(registry.selections())}"
-        )
-    return DEFAULT_KEEP if "keep" in entry.params else None
-
-
-def _print_report(console: Console, result: Comparison, seconds: float) -> None:
     table = Table(title="attention-output MSE per step (mean over layers)")
     for name in ("step", "sparse", "vs exact attention", "vs dense run"):
         table.add_column(name, justify="right")
@@ -80,20 +53,25 @@ def generate_command(
         "block-topk+uta"
     ),
     keep: Annotated[
-        float | None, typer.Option(help=f"keep ratio of budgeted methods (default {DEFAULT_KEEP})")
+        float | None,
+        typer.Option(help="keep ratio of budgeted methods (default: apply()'s, 0.1)"),
     ] = None,
     steps: Annotated[int, typer.Option(help="diffusion steps")] = 20,
     warmup_steps: Annotated[
         int | None, typer.Option(help="dense first steps (default a quarter of --steps)")
     ] = None,
     seed: Annotated[int, typer.Option(help="noise seed, the same for both runs")] = 0,
-    label: Annotated[str, typer.Option(help=f"shape: {', '.join(data.SHAPES)}")] = "disc",
+    label: Annotated[str, typer.Option(help="the shape to draw, e.g. disc or square")] = "disc",
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 1.0,
-    shift: Annotated[float, typer.Option(help="shift of the sampling schedule")] = DEFAULT_SHIFT,
-    frames: Annotated[int, typer.Option(help="frames (the model was trained on 16)")] = (
-        data.FRAMES
-    ),
-    size: Annotated[int, typer.Option(help="height = width, even (trained on 32)")] = data.SIZE,
+    shift: Annotated[
+        float | None, typer.Option(help="shift of the sampling schedule (default: the model's)")
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="frames (default: the clip length the model was trained on)")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="height = width, even (default: the trained size)")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default cuda when available)")
     ] = None,
@@ -105,8 +83,21 @@ def generate_command(
     ),
 ) -> None:
     """Generate a toy video densely and sparsely from the same noise; compare them."""
-    from .weights import WeightsError, load
+    try:
+        import torch
 
+        from ..toy import data
+        from ..toy.pipeline import DEFAULT_SHIFT, label_of
+        from ..toy.sample import dense_and_sparse
+        from ..toy.strip import save_animation, side_by_side
+        from ..toy.weights import WeightsError, load
+    except ImportError as err:
+        Console().print(f"[red]error:[/red] tailattn generate needs diffusers ({err})")
+        raise typer.Exit(2) from None
+
+    frames = data.FRAMES if frames is None else frames
+    size = data.SIZE if size is None else size
+    shift = DEFAULT_SHIFT if shift is None else shift
     if steps < 1:
         raise typer.BadParameter(f"--steps must be at least 1, got {steps}")
     warmup = steps // 4 if warmup_steps is None else warmup_steps
@@ -118,7 +109,6 @@ def generate_command(
         )
     try:
         index = label_of(label)
-        keep = keep_for(method, keep)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +130,7 @@ def generate_command(
             result = dense_and_sparse(
                 model,
                 method,
-                keep,
+                "default" if keep is None else keep,
                 seed=seed,
                 labels=labels,
                 steps=steps,
@@ -153,7 +143,7 @@ def generate_command(
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
     _print_report(console, result, time.perf_counter() - start)
-    frames = side_by_side(result.dense[0], result.sparse[0])
+    video = side_by_side(result.dense[0], result.sparse[0])
     name = f"{data.SHAPES[index]}-seed{seed}-{method.replace('+', '_')}"
-    written = save_animation(frames, out, name)
+    written = save_animation(video, out, name)
     console.print(f"dense (left) and sparse (right): {', '.join(str(p) for p in written)}")

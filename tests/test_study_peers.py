@@ -5,7 +5,7 @@ import torch
 
 import tailattn
 from study_check import study_and_library
-from tailattn.study import METHOD_SETS, SEED_METHODS, expand_methods
+from tailattn.study import METHOD_SETS, PEER_METHODS, expand_methods
 from tailattn.study.engine import evaluate_unit
 from tailattn.study.plan import pairs_for, parse_methods
 from video_like import grid_qkv
@@ -55,9 +55,9 @@ def test_rectified_at_drop_rate_zero_implies_the_exact_distribution(qkv):
 
 
 def test_seed_method_list_expands_and_parses():
-    assert expand_methods(("topk", "seed")) == ("topk", *SEED_METHODS)
+    assert expand_methods(("topk", "peers")) == ("topk", *PEER_METHODS)
     assert expand_methods(("paper",)) == METHOD_SETS["paper"]
-    infos = parse_methods(SEED_METHODS)
+    infos = parse_methods(PEER_METHODS)
     assert {i.granularity for i in infos} == {"block", "fused"}
     assert [i.budgeted for i in infos if i.spec.startswith("dfs")] == [True, True]
 
