@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from tailattn.data.capture import CaptureError, CaptureWriter, load_capture
+from tailattn.capture_file import CaptureError, CaptureWriter, load_capture
 
 GRID = (2, 3, 4)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tailattn.capture_file import CaptureWriter
 from tailattn.cli import app, split_methods
-from tailattn.data.capture import CaptureWriter
 
 runner = CliRunner()
 

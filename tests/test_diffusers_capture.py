@@ -15,7 +15,7 @@ from diffusers_tiny import (
     wan,
     wan_inputs,
 )
-from tailattn import full_attention
+from tailattn import capture_file, full_attention
 from tailattn.integrations.diffusers import apply, capture
 from tailattn.integrations.diffusers.models import kind_of
 
@@ -144,9 +144,7 @@ def test_capture_under_a_sparse_handle_keeps_the_handle():
 
 
 def test_capture_file_round_trip(tmp_path):
-    capture_module = pytest.importorskip(
-        "tailattn.data.capture", reason="the capture file format lands with the study issue"
-    )
+    capture_module = capture_file
     model = hunyuan()
     sink = ListSink()
     with capture(model, sink):
@@ -167,7 +165,6 @@ def test_capture_file_round_trip(tmp_path):
 
 
 def test_failed_run_writes_no_file(tmp_path):
-    pytest.importorskip("tailattn.data.capture", reason="the capture file format lands later")
     model = wan()
     path = tmp_path / "wan.safetensors"
     with pytest.raises(RuntimeError, match="interrupted"), capture(model, path):

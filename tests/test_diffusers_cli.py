@@ -14,6 +14,7 @@ from diffusers_tiny import (
     plain,
     wan,
 )
+from tailattn import capture_file
 from tailattn.cli import capture as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,9 +50,7 @@ def test_parse_indices_rejects(text):
 
 
 def test_capture_command_writes_the_chosen_entries(app, tmp_path):
-    capture_module = pytest.importorskip(
-        "tailattn.data.capture", reason="the capture file format lands with the study issue"
-    )
+    capture_module = capture_file
     out = tmp_path / "run.safetensors"
     args = ["capture", "--model", str(tmp_path), "--prompt", "a red ball", "--out", str(out)]
     args += ["--layers", "0,2", "--steps", "1-2", "--num-steps", "3", "--dtype", "float32"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tailattn.data.capture import CaptureWriter
+from tailattn.capture_file import CaptureWriter
 from tailattn.study import StudyConfig, run_study, write_report
 from tailattn.study import report as report_module
 from tailattn.study.plan import check_keeps, parse_method

@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from diffusers_tiny import one_thread, plain  # noqa: F401
+from tailattn import capture_file
 from tailattn.cli import capture as capture_cli
 from tailattn.integrations.diffusers import capture
 from tailattn.toy.capture import default_steps, write_toy_capture
@@ -63,9 +64,7 @@ def test_captured_qkv_reproduce_the_attention_outputs():
 def test_write_toy_capture_file(tmp_path, tiny_weights):  # noqa: F811
     """A 3-step capture of the tiny toy model on the full 16 x 16 x 16 grid: each entry's exact
     attention is the attention output of that step in a second, identical run."""
-    capture_format = pytest.importorskip(
-        "tailattn.data.capture", reason="the capture file format lands with the study issue"
-    )
+    capture_format = capture_file
     path = write_toy_capture(
         tmp_path / "toy.safetensors", seed=1, steps=3, layers=[0], weights=tiny_weights
     )
@@ -88,9 +87,7 @@ def test_write_toy_capture_file(tmp_path, tiny_weights):  # noqa: F811
 
 
 def test_capture_command_with_the_toy_model(tmp_path):
-    capture_format = pytest.importorskip(
-        "tailattn.data.capture", reason="the capture file format lands with the study issue"
-    )
+    capture_format = capture_file
     app = typer.Typer()
     app.command("capture")(capture_cli.capture_command)
     app.command("other")(lambda: None)

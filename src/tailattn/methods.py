@@ -25,6 +25,7 @@ library add methods without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -291,12 +292,22 @@ class BoundMethod:
 
 class Registry:
     """Names of selections and tails, by granularity, and one runner per granularity.
-    Filled at import by the defining modules."""
 
-    def __init__(self) -> None:
+    Filled at import by the defining modules. ``builtins`` names modules to import before the
+    first lookup (the library's own selections, tails and runners for :data:`registry`), so
+    lookups see them however the registry was reached."""
+
+    def __init__(self, builtins: tuple[str, ...] = ()) -> None:
         self._selections: dict[str, Entry] = {}
         self._tails: dict[tuple[str, Granularity], Entry] = {}
         self._runners: dict[Granularity, Runner] = {}
+        self._builtins = builtins
+
+    def _load(self) -> None:
+        """Import the built-in modules once (they register themselves)."""
+        modules, self._builtins = self._builtins, ()
+        for module in modules:
+            importlib.import_module(module)
 
     def selection(
         self, name: str, *, granularity: Granularity | str, summary: str = ""
@@ -338,9 +349,11 @@ class Registry:
         return decorate
 
     def selections(self) -> dict[str, Entry]:
+        self._load()
         return dict(sorted(self._selections.items()))
 
     def tails(self, granularity: Granularity | str) -> dict[str, Entry]:
+        self._load()
         kind = _granularity(granularity)
         return {n: e for (n, g), e in sorted(self._tails.items()) if g == kind}
 
@@ -353,6 +366,7 @@ class Registry:
         given both in the spec and as a keyword is an error. ``bound.spec`` is the spec as
         written (keywords not folded in); the objects hold every parameter.
         """
+        self._load()
         m = Method.parse(method)
         if m.selection not in self._selections:
             known = ", ".join(self._selections)
@@ -406,5 +420,5 @@ class Registry:
         )
 
 
-registry = Registry()
+registry = Registry(builtins=("tailattn.select", "tailattn.tails", "tailattn.execute"))
 """The library's method registry. Extend it with ``@registry.selection(...)``/``@registry.tail``."""

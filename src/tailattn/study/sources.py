@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.capture import load_capture
+from ..capture_file import load_capture
 from ..data.synthetic import PRESETS, SyntheticSource
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

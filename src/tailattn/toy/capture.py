@@ -3,7 +3,7 @@
 :func:`write_toy_capture` samples one clip with the toy pipeline (``pipeline.ToyPipeline``,
 dense attention, float32) inside ``tailattn.integrations.diffusers.capture`` and writes the
 chosen (layer, step) entries, (1, H, 4096, 64) each on the 16 x 16 x 16 grid, to a capture file
-(``tailattn.data.capture``): real attention of a trained video DiT for the study, with no
+(``tailattn.capture_file``): real attention of a trained video DiT for the study, with no
 download. By default: the first, middle and last layer at four steps spread over a 10-step run
 (``0, S // 3, 2 S // 3, S - 1``).
 """

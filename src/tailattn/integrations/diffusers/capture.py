@@ -8,7 +8,7 @@ Usage::
 
 q, k, v are taken after the projections, the q/k normalization and the rotary embedding,
 where the stock processor would call attention, and streamed to disk one tensor at a time
-(``tailattn.data.capture.CaptureWriter``) in the capture format: (B, H, N, D) per
+(``tailattn.capture_file.CaptureWriter``) in the capture format: (B, H, N, D) per
 (layer, step), video tokens in (t, h, w) order followed by the ``text_tokens`` text tokens
 (CogVideoX's text-first sequence is reordered; padded text tokens that HunyuanVideo masks out are
 dropped, so dense attention over the captured q, k, v is the layer's attention). Only one
@@ -35,7 +35,7 @@ from .schedule import check_index
 
 
 class Sink(Protocol):
-    """Where captured tensors go: ``tailattn.data.capture.CaptureWriter`` or any object with
+    """Where captured tensors go: ``tailattn.capture_file.CaptureWriter`` or any object with
     this ``add`` (the caller then opens and closes it)."""
 
     def add(
@@ -184,7 +184,7 @@ class CaptureSession:
 
     def _open(self, grid: tuple[int, int, int], n_text: int) -> Sink:
         if self._writer is None:
-            from ...data.capture import CaptureWriter
+            from ...capture_file import CaptureWriter
 
             assert self.path is not None
             self._writer = CaptureWriter(

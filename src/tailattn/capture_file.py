@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .._files import check_parent, temp_sibling
+from ._files import check_parent, temp_sibling
 
 FORMAT = "tailattn-capture"
 VERSION = 1
