@@ -1,4 +1,4 @@
-"""Rectified SpaAttn against a direct float64 transcription of METHODS.md section 6."""
+"""Rectified SpaAttn against a direct float64 transcription of docs/methods.md section 6."""
 
 import math
 

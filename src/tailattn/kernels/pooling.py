@@ -5,7 +5,7 @@ For block j of ``block`` tokens (the last one ragged, n_j tokens):
     S[b, h, j] = sum_{i in j} x[b, h, i]        (``block_sums``, float32)
     M[b, h, j] = S[b, h, j] / n_j               (``block_means``, in any float dtype)
 
-The UTA tail uses key and value sums directly (DESIGN.md: the mean dropped key is
+The UTA tail uses key and value sums directly (docs/methods.md: the mean dropped key is
 (total - kept sums) / N_d); pooled scoring and the ``blocks`` tail use means.
 """
 

@@ -6,7 +6,7 @@ box, so the tokens of a block attend alike and a block's pooled score represents
 (DFSAttn; Rectified SpaAttn optionally).
 
 * ``hilbert``: the 3D Hilbert curve of the cube of side 2^bits, bits = ceil(log2 max(T, H, W))
-  (METHODS.md section 5), restricted to the grid: grid points sorted by their Hilbert index,
+  (docs/methods.md section 5), restricted to the grid: grid points sorted by their Hilbert index,
   points outside the grid skipped (so on a non-cube grid the order jumps where the cube curve
   leaves the grid). The index is Skilling's transpose construction ("Programming the Hilbert
   curve", AIP Conf. Proc. 707, 2004): undo the excess rotations from the top bit down, Gray-code

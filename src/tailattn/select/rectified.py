@@ -1,5 +1,5 @@
 r"""Rectified SpaAttn: sparse attention rescaled and compensated against an implicit
-full-attention reference computed from pooled blocks (METHODS.md section 6).
+full-attention reference computed from pooled blocks (docs/methods.md section 6).
 
 Tokens are optionally reordered along a 3D curve (``curve``, default row-major) with the
 ``text_tokens`` last, then cut into query blocks m and key blocks n with means qbar, kbar, vbar:

@@ -26,8 +26,8 @@ logit ``zbar + log n`` stands for n keys of logit ``zbar`` (the ``log n`` restor
 
 In terms of keys, sigma^2 = s^2 q^T Cov_D(k) q and c = s C_D^T q with
 C_D = mean_D((k - kbar)(v - vbar)^T), which is how the block form computes them. With equal
-dropped logits sigma = 0 and c = 0, and the token is the ``uta`` token exactly. (DESIGN.md writes
-the value as (vbar + c)/(1 + sigma^2/2); that form is not exact for constant values -- all
+dropped logits sigma = 0 and c = 0, and the token is the ``uta`` token exactly. (The value
+(vbar + c)/(1 + sigma^2/2), a tempting shortcut, is not exact for constant values -- all
 v_i = v would give v/(1 + sigma^2/2) -- so the consistent expansion above is used.) It is an
 experiment: with widely spread tail logits the expansion is poor and can lose to ``uta``.
 

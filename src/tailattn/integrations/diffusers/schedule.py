@@ -1,6 +1,6 @@
 """Which (step, layer) calls run dense, and the keep ratio of the others.
 
-Practical sparse methods stay dense where sparsity hurts most (METHODS.md section 2):
+Practical sparse methods stay dense where sparsity hurts most (docs/methods.md section 2):
 
 - the first ``warmup_steps`` diffusion steps (steps 0 .. warmup_steps - 1), where the layout of
   the video is still being decided;

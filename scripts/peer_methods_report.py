@@ -1,15 +1,14 @@
-"""Measurements of the seed methods for the README (CPU, float32, sampled heads and queries).
+"""Measurements of the peer methods (CPU, float32, sampled heads and queries).
 
-    PYTHONPATH=src python scripts/seed_methods_report.py [--preset wan-1.3b-480p] [--heads 0,1]
+    PYTHONPATH=src python scripts/peer_methods_report.py [--preset wan-1.3b-480p] [--heads 0,1]
 
 (a) DFSAttn: block-sparse recall at keep 0.1 with Hilbert / Gilbert / row-major order;
 (b) Rectified SpaAttn vs block-topp+uta and block-topp+blocks at matched density;
 (c) blasst (several lam) vs recall (several r): MSE against density, plotted to
-    docs/figures/seed_blasst_vs_recall.png.
+    docs/figures/blasst_vs_recall.png.
 
-Data: the synthetic video-attention generator ``tailattn.data.synthetic`` when the installed
-tailattn has it, else the stand-in below (printed in the output as ``data:``).
-Results go to stdout as markdown tables and to docs/figures/seed_methods_report.json (a run of
+Data: the synthetic video-attention generator ``tailattn.data.synthetic``.
+Results go to stdout as markdown tables and to docs/results/peer_methods.json (a run of
 some parts, ``--skip``, updates those parts when the data is the same).
 """
 
@@ -28,49 +27,18 @@ from pathlib import Path
 import torch
 
 import tailattn
+from tailattn.data.presets import PRESETS
+from tailattn.data.synthetic import SyntheticSource
 from tailattn.metrics import mse, recall
 from tailattn.permute import permute_tokens
 
-PRESETS = {"small": ((5, 12, 16), 4, 64), "wan-1.3b-480p": ((21, 30, 52), 12, 128)}
 FIGURES = Path("docs/figures")
-
-
-def stand_in(preset: str, heads: list[int], seed: int = 0):
-    """Grid-local video attention: q and k are random Fourier features of the (t, h, w)
-    position with head-specific length scales (some heads spatial, some temporal, some
-    broad), plus a shared content part (8 clusters) and noise; v random. (B=1, heads, N, d)."""
-    grid, _, d = PRESETS[preset]
-    t, h, w = grid
-    ids = torch.arange(t * h * w)
-    pos = torch.stack([ids // (h * w), ids // w % h, ids % w], dim=1).float()
-    out = []
-    for head in heads:
-        gen = torch.Generator().manual_seed(seed * 1000 + head)
-        lengths = torch.tensor([3.0, 6.0, 6.0]) * torch.exp(torch.randn(3, generator=gen) * 0.5)
-        freqs = torch.randn(3, d // 2, generator=gen) / lengths.unsqueeze(-1)
-        phase = pos @ freqs
-        field = torch.cat([phase.cos(), phase.sin()], dim=-1) * 1.2
-        centers = torch.randn(8, d, generator=gen)
-        label = torch.randint(0, 8, (t * h * w,), generator=gen)
-        content = centers[label] * 0.8
-
-        def noisy(x: torch.Tensor, gen: torch.Generator = gen) -> torch.Tensor:
-            return x + 0.5 * torch.randn(x.shape, generator=gen)
-
-        q, k = noisy(field + content), noisy(field + content)
-        v = torch.randn(t * h * w, d, generator=gen)
-        out.append((q, k, v))
-    q, k, v = (torch.stack(x).unsqueeze(0) for x in zip(*out, strict=True))
-    return q, k, v, grid, "stand-in (scripts/seed_methods_report.py: grid-local Fourier fields)"
+RESULTS = Path("docs/results")
 
 
 def load(preset: str, heads: list[int], seed: int):
-    """The project's generator (``tailattn.data.synthetic.SyntheticSource``, probed at run
-    time) when the installed tailattn has it, else the stand-in."""
-    try:
-        from tailattn.data.synthetic import SyntheticSource  # type: ignore[import-not-found]
-    except ImportError:
-        return stand_in(preset, heads, seed)
+    """Synthetic video attention (``tailattn.data.synthetic``): q, k, v (1, heads, N, d), the
+    grid and a description of the data."""
     source = SyntheticSource(preset=preset, seed=seed)
     parts = [source.head(h) for h in heads]
     q, k, v = (torch.cat([p[i] for p in parts], dim=1).float() for i in range(3))
@@ -303,14 +271,14 @@ def main() -> None:
         print("\n(c') density at equal MSE (blasst interpolated in log MSE)")
         cols = ["method", "mse", "density", "blasst density at same mse"]
         print(table(report["equal_accuracy"], cols))
-        plot(report["blasst_vs_recall"], FIGURES / "seed_blasst_vs_recall.png")
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / "seed_methods_report.json"
+        plot(report["blasst_vs_recall"], FIGURES / "blasst_vs_recall.png")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "peer_methods.json"
     if path.exists():  # a run of some parts updates those parts only (same data)
         previous = json.loads(path.read_text())
         if previous.get("data") == report["data"]:
             report = {**previous, **report}
-    with tempfile.NamedTemporaryFile("w", dir=FIGURES, suffix=".json", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile("w", dir=RESULTS, suffix=".json", delete=False) as tmp:
         json.dump(report, tmp, indent=1, default=str)
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
