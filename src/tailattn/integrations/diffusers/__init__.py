@@ -18,7 +18,8 @@ import importlib.util
 
 if importlib.util.find_spec("diffusers") is None:
     raise ImportError(
-        "tailattn.integrations.diffusers needs diffusers: pip install -e '.[diffusers]' from a clone of tailattn"
+        "tailattn.integrations.diffusers needs diffusers: pip install -e '.[diffusers]' "
+        "from a clone of tailattn"
     )
 
 from .capture import CaptureSession, Sink, capture
