@@ -111,7 +111,9 @@ class FusedSelection(Protocol):
     """A selection that decides while it computes (in-loop skipping, Rectified's rescaling), so
     it runs the attention itself and merges the tail of what it dropped.
 
-    ``backend`` is ``"reference"``, ``"triton"`` or ``None`` (the kernel where it can run).
+    ``backend`` is ``"reference"``, ``"triton"`` or ``None`` (the kernel where it can run); the
+    reference path rejects NaN/Inf (``tailattn.execute.check_values``), the kernel path does not
+    look at values.
     """
 
     def attend(
@@ -125,6 +127,7 @@ class FusedSelection(Protocol):
         grid: Grid | None = None,
         state: Any = None,
         with_stats: bool = False,
+        backend: str | None = None,
     ) -> Result: ...
 
 

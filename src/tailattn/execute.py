@@ -168,9 +168,16 @@ def run_fused(
     backend: str | None = None,
     with_stats: bool = False,
 ) -> Result:
-    """The selection runs the attention itself (:class:`~tailattn.contract.FusedSelection`)."""
-    _no_kernel(bound, backend)
-    check_values(q, k, v)
+    """The selection runs the attention itself (:class:`~tailattn.contract.FusedSelection`),
+    on its kernel where it has one; it checks values on its reference path."""
     return bound.selection.attend(
-        q, k, v, bound.tail, scale=scale, grid=grid, state=state, with_stats=with_stats
+        q,
+        k,
+        v,
+        bound.tail,
+        scale=scale,
+        grid=grid,
+        state=state,
+        with_stats=with_stats,
+        backend=backend,
     )

@@ -5,10 +5,11 @@ dispatcher why given inputs cannot run on the kernel (``None`` when they can).
 """
 
 from .block_sparse import block_sparse_attention, unsupported_reason
-from .pooling import block_sums
+from .pooling import block_spread, block_sums
 
 __all__ = [
     "block_sparse_attention",
+    "block_spread",
     "block_sums",
     "unsupported_reason",
 ]

@@ -45,7 +45,7 @@ def block_budget(keep: float, n_blocks: int) -> int:
     return min(n_blocks, max(1, math.ceil(keep * n_blocks - 1e-9)))
 
 
-def _triton_pooling(x: torch.Tensor, block: int) -> bool:
+def triton_pooling(x: torch.Tensor, block: int) -> bool:
     """The Triton block-mean kernel serves CUDA tensors with power-of-two sizes."""
     d = x.shape[-1]
     if x.device.type != "cuda" or x.dtype == torch.float64 or d & (d - 1) or block & (block - 1):
@@ -60,7 +60,7 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     its own tokens. On CUDA one Triton pass reads each token once
     (:func:`tailattn.kernels.pooling.block_means`).
     """
-    if _triton_pooling(x, block):
+    if triton_pooling(x, block):
         from ..kernels.pooling import block_means
 
         return block_means(x, block)[0]

@@ -265,14 +265,20 @@ def gilbert_order(grid: tuple[int, int, int]) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def grid_order(
-    grid: tuple[int, int, int], curve: str, text_tokens: int = 0
+    grid: tuple[int, int, int],
+    curve: str,
+    text_tokens: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Permutation (video tokens along ``curve``, then the text tokens) and its inverse.
 
-    Returns ``perm`` and ``inverse`` (N,) int64, N = T*H*W + text_tokens: position j of the
-    reordered sequence holds token ``perm[j]``, and ``inverse[perm[j]] = j``. Cached per
-    (grid, curve, text_tokens); the returned tensors are shared, do not modify them.
+    Returns ``perm`` and ``inverse`` (N,) int64 on ``device``, N = T*H*W + text_tokens:
+    position j of the reordered sequence holds token ``perm[j]``, and ``inverse[perm[j]] = j``.
+    Cached per (grid, curve, text_tokens, device), so a GPU caller copies them once; the
+    returned tensors are shared, do not modify them.
     """
+    if torch.device(device).type != "cpu":
+        return tuple(x.to(device) for x in grid_order(grid, curve, text_tokens))  # type: ignore[return-value]
     check_curve(curve)
     n_video = grid[0] * grid[1] * grid[2]
     if curve == "hilbert":

@@ -182,7 +182,11 @@ class DFS:
         keep: float,
     ) -> BlockLayout:
         """Score the reordered blocks and keep the top ``ceil(keep * Mk)`` per query block."""
-        perm = grid_order(grid, self.curve, self.text_tokens)[0].to(q.device)
+        perm = (
+            None
+            if self.curve == "none"
+            else grid_order(grid, self.curve, self.text_tokens, q.device)[0]
+        )
         qp, kp = permute_tokens(q, perm), permute_tokens(k, perm)
         scores = tile_block_scores(qp, kp, scale, self.tile, self.block_q, self.block_k)
         budget = block_budget(keep, scores.shape[-1])
@@ -195,8 +199,9 @@ class DFS:
 
     def _dense(self, q: torch.Tensor, grid: tuple[int, int, int]) -> BlockLayout:
         b, h, n, _ = q.shape
-        mask = torch.ones(b, h, num_blocks(n, self.block_q), num_blocks(n, self.block_k))
-        return BlockLayout.from_dense(mask.bool().to(q.device), n, n, self.block_q, self.block_k)
+        shape = (b, h, num_blocks(n, self.block_q), num_blocks(n, self.block_k))
+        mask = torch.ones(shape, dtype=torch.bool, device=q.device)
+        return BlockLayout.from_dense(mask, n, n, self.block_q, self.block_k, check=False)
 
     def __call__(
         self,

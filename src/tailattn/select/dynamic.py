@@ -199,7 +199,13 @@ class TileLoop(abc.ABC):
         grid: tuple[int, int, int] | None = None,
         state: Any = None,
         with_stats: bool = False,
+        backend: str | None = None,
     ) -> FusedResult:
+        from ..execute import check_values
+
+        if backend == "triton":
+            raise ValueError(f"backend='triton': {type(self).__name__} has no kernel yet")
+        check_values(q, k, v)
         acc = accumulation_dtype(q.dtype)
         qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
         b, h, n_q, _ = q.shape

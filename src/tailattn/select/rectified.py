@@ -35,22 +35,30 @@ from typing import Any
 import torch
 
 from .._checks import accumulation_dtype, check_grid
+from ..contract import KernelTail, Result
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
 from ..permute import permute_tokens, unpermute_tokens
 from ..reference.blocks import block_attention
 from ..tails.block import BlockDrop, BlockTail, to_blocks
-from .blocks import block_budget, check_block_size, pool_blocks, top_mass_counts
+from .blocks import block_budget, check_block_size, pool_blocks, top_mass_counts, triton_pooling
 from .curves import check_curve, grid_order
-from .fused import FusedResult
 
 
 @functools.lru_cache(maxsize=32)
 def neighbour_blocks(
-    grid: tuple[int, int, int], curve: str, text_tokens: int, block_q: int, block_k: int
+    grid: tuple[int, int, int],
+    curve: str,
+    text_tokens: int,
+    block_q: int,
+    block_k: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(Mq, Mk) bool: key block n holds a grid neighbour (or the same token) of a token of
-    query block m, in the curve order; text tokens have no neighbours. Cached; do not modify."""
+    """(Mq, Mk) bool on ``device``: key block n holds a grid neighbour (or the same token) of a
+    token of query block m, in the curve order; text tokens have no neighbours. Cached per
+    device (copied once); do not modify."""
+    if torch.device(device).type != "cpu":
+        return neighbour_blocks(grid, curve, text_tokens, block_q, block_k).to(device)
     t, h, w = grid
     n_video = t * h * w
     n = n_video + text_tokens
@@ -78,6 +86,19 @@ def _mean_abs_deviation(x: torch.Tensor, means: torch.Tensor, block: int) -> tor
     valid = (torch.arange(centred.shape[2] * block, device=x.device) < n).view(-1, block, 1)
     sizes = block_sizes(n, block, x.device).to(x.dtype).view(-1, 1)
     return (centred * valid).sum(dim=3) / sizes
+
+
+def block_stats(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means xbar and element-wise spreads ``mean_{i in block} |x_i - xbar|``, (B, H, M, D)
+    in the accumulation dtype: one Triton pass on CUDA (:func:`tailattn.kernels.block_spread`),
+    PyTorch elsewhere."""
+    if triton_pooling(x, block):
+        from ..kernels import block_spread
+
+        return block_spread(x, block)
+    xa = x.to(accumulation_dtype(x.dtype))
+    means = pool_blocks(xa, block)
+    return means, _mean_abs_deviation(xa, means, block)
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,7 @@ class Rectified:
         first_text = (n_k - self.text_tokens) // self.block_k
         if self.text_tokens:
             for n in range(first_text, kbar.shape[2]):
-                keys = kp[:, :, n * self.block_k : (n + 1) * self.block_k]
+                keys = kp[:, :, n * self.block_k : (n + 1) * self.block_k].to(qbar.dtype)
                 logits[..., n] = torch.logsumexp(scale * qbar @ keys.mT, dim=-1)
         return torch.softmax(logits, dim=-1)
 
@@ -146,8 +167,9 @@ class Rectified:
         counts = counts.clamp(min=block_budget(1.0 - self.drop_rate, mk))
         chosen = torch.arange(mk, device=mass.device) < counts.unsqueeze(-1)
         mask = torch.zeros_like(chosen).scatter_(-1, ranked, chosen)
-        near = neighbour_blocks(grid, self.curve, self.text_tokens, self.block_q, self.block_k)
-        mask |= near.to(mass.device)
+        mask |= neighbour_blocks(
+            grid, self.curve, self.text_tokens, self.block_q, self.block_k, mass.device
+        )
         if self.text_tokens:
             mask[..., (grid[0] * grid[1] * grid[2]) // self.block_k :] = True
         return mask
@@ -175,27 +197,31 @@ class Rectified:
         grid: tuple[int, int, int],
     ) -> RectifiedPlan:
         """Steps 1-5 on validated (B, H, N, D) inputs and a grid passed by :meth:`check`."""
-        acc = accumulation_dtype(q.dtype)
-        perm = grid_order(grid, self.curve, self.text_tokens)[0].to(q.device)
-        qp, kp, vp = (permute_tokens(x, perm).to(acc) for x in (q, k, v))
-        qbar, kbar = pool_blocks(qp, self.block_q), pool_blocks(kp, self.block_k)
+        perm = self.permutation(grid, q.device)
+        qp, kp, vp = (permute_tokens(x, perm) for x in (q, k, v))
+        qbar, dq = block_stats(qp, self.block_q)
+        kbar, dk = block_stats(kp, self.block_k)
         vbar = pool_blocks(vp, self.block_k)
         mass = self.reference_mass(qbar, kbar, kp, scale)
         critical = self.critical(mass, grid)
-        dq = _mean_abs_deviation(qp, qbar, self.block_q)
-        dk = _mean_abs_deviation(kp, kbar, self.block_k)
         gain = (qbar @ kbar.mT).abs()
         error = (dq @ kbar.mT).abs() + (qbar @ dk.mT).abs()
         unreliable = ~critical & (gain <= error)
         counted = critical | unreliable
         n = q.shape[2]
-        return RectifiedPlan(
-            BlockLayout.from_dense(critical, n, n, self.block_q, self.block_k, perm, perm),
-            (mass * counted).sum(dim=-1),
-            (mass * ~counted) @ vbar,
-            unreliable,
-            mass,
+        # every row keeps >= ceil((1 - drop_rate) * Mk) >= 1 blocks: no check (and no sync) needed
+        layout = BlockLayout.from_dense(
+            critical, n, n, self.block_q, self.block_k, perm, perm, check=False
         )
+        return RectifiedPlan(
+            layout, (mass * counted).sum(dim=-1), (mass * ~counted) @ vbar, unreliable, mass
+        )
+
+    def permutation(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
+        """The curve order of the tokens on ``device`` (``None`` for row-major: no copy)."""
+        if self.curve == "none":
+            return None
+        return grid_order(grid, self.curve, self.text_tokens, device)[0]
 
     def attend(
         self,
@@ -208,7 +234,12 @@ class Rectified:
         grid: tuple[int, int, int] | None = None,
         state: Any = None,
         with_stats: bool = False,
-    ) -> FusedResult:
+        backend: str | None = None,
+    ) -> Result:
+        """Steps 1-6: the plan, the critical blocks exactly (the fused block-sparse kernel on
+        CUDA, the reference executor elsewhere) and ``R O_sparse + C`` as one epilogue."""
+        from ..execute import check_values, use_kernel
+
         if not isinstance(tail, BlockDrop):
             raise ValueError(
                 "rectified takes no tail: its compensation C already stands for the dropped "
@@ -217,16 +248,23 @@ class Rectified:
         grid = self.check(q, k, grid)
         plan = self.plan(q, k, v, scale, grid)
         layout, rescale, compensation = plan.layout, plan.rescale, plan.compensation
-        perm = layout.q_perm
-        n = q.shape[2]
-        out, lse, stats = block_attention(
-            q, k, v, layout, BlockDrop(), scale, with_stats=with_stats
-        )
-        block_of = torch.arange(n, device=q.device) // self.block_q
-        r_tok = unpermute_tokens(rescale[..., block_of], perm)
-        c_tok = unpermute_tokens(compensation[:, :, block_of], perm)
-        out = r_tok.unsqueeze(-1) * out + c_tok
+        stats: dict[str, torch.Tensor] = {}
+        if use_kernel(backend, q, v, layout):
+            from ..kernels import block_sparse_attention
+
+            out, lse = block_sparse_attention(q, k, v, layout, KernelTail.DROP, scale)
+        else:
+            check_values(q, k, v)
+            out, lse, stats = block_attention(
+                q, k, v, layout, BlockDrop(), scale, with_stats=with_stats
+            )
+        block_of = torch.arange(q.shape[2], device=q.device) // self.block_q
+        r_tok = unpermute_tokens(rescale[..., block_of], layout.q_perm)
+        c_tok = unpermute_tokens(compensation[:, :, block_of], layout.q_perm)
+        out = torch.addcmul(c_tok, r_tok.unsqueeze(-1), out.to(c_tok.dtype))
         lse = lse - torch.log(r_tok)
+        if not with_stats:
+            return Result(out, lse)
         info = {
             "density": layout.density(),
             "layout": layout,
@@ -234,4 +272,4 @@ class Rectified:
             "gain_blocks": float(plan.unreliable.to(rescale.dtype).mean()),
         }
         kept_stats = {name: stats[name] for name in ("density", "recall") if name in stats}
-        return FusedResult(out, lse, kept_stats, info)
+        return Result(out, lse, kept_stats, info)

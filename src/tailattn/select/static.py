@@ -4,7 +4,8 @@ Tokens are in (t, h, w) row-major order over the grid (T, H, W), P = H * W token
 and a token's in-frame index is ``s = h * W + w``. A mask is first defined on token pairs; a
 block pair is computed when any of its token pairs is kept (so the blocks cover the token mask).
 Both masks are the same for every (batch, head) and depend only on pure arguments, so they are
-cached with ``functools.lru_cache`` (no other state).
+cached with ``functools.lru_cache`` (no other state), and so are their CSR rows on each device:
+after the first call a static selection neither builds nor copies anything.
 
 ``radial`` (after Radial Attention; the exact constants below are ours). For a query in frame
 t_q and a key in frame t_k at distance d = |t_q - t_k|, band g = bit_length(d) (0, 1, 2, 2, 3, 3,
@@ -234,6 +235,17 @@ def window_block_mask(
     return _window_mask(grid, block_q, block_k, tuple(int(r) for r in radii)).clone()
 
 
+@functools.lru_cache(maxsize=64)
+def _csr_on(
+    build: Callable[..., torch.Tensor], args: tuple, n: int, block_q: int, block_k: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSR rows (1, 1, Mq, Kmax) and counts (1, 1, Mq) of ``build(*args)`` on ``device``:
+    built, checked and copied once per (mask, device), so later calls neither build nor copy."""
+    mask = build(*args)
+    layout = BlockLayout.from_dense(mask[None, None], n, n, block_q, block_k)
+    return layout.kv_indices.to(device), layout.kv_counts.to(device)
+
+
 def _static_layout(
     name: str,
     q: torch.Tensor,
@@ -241,8 +253,10 @@ def _static_layout(
     grid: Any,
     block_q: int,
     block_k: int,
-    build: Callable[[tuple[int, int, int]], torch.Tensor],
+    build: Callable[..., torch.Tensor],
+    args: tuple,
 ) -> BlockLayout:
+    """The layout of the static mask ``build(grid, *args)``, the same for every (batch, head)."""
     if grid is None:
         raise ValueError(f"{name} needs grid=(T, H, W), the latent video grid of the tokens")
     grid = check_grid(grid, k.shape[2])
@@ -250,10 +264,18 @@ def _static_layout(
         raise ValueError(
             f"{name} is a self-attention mask: q has {q.shape[2]} tokens but k has {k.shape[2]}"
         )
-    mask = build(grid).to(q.device)
     b, h = q.shape[:2]
     n = k.shape[2]
-    return BlockLayout.from_dense(mask.expand(b, h, *mask.shape), n, n, block_q, block_k)
+    indices, counts = _csr_on(build, (grid, *args), n, block_q, block_k, q.device)
+    return BlockLayout(
+        indices.expand(b, h, *indices.shape[2:]),
+        counts.expand(b, h, counts.shape[2]),
+        n,
+        n,
+        block_q,
+        block_k,
+        check=False,
+    )
 
 
 @registry.selection("radial", granularity="block", summary="static energy-decay mask from grid")
@@ -285,12 +307,10 @@ class Radial:
         grid: tuple[int, int, int] | None = None,
         state: Any = None,
     ) -> BlockLayout:
-        def build(g: tuple[int, int, int]) -> torch.Tensor:
-            return radial_block_mask(
-                g, self.block_q, self.block_k, self.decay, self.sink, self.keep
-            )
-
-        return _static_layout("radial", q, k, grid, self.block_q, self.block_k, build)
+        args = (self.block_q, self.block_k, self.decay, self.sink, self.keep)
+        return _static_layout(
+            "radial", q, k, grid, self.block_q, self.block_k, radial_block_mask, args
+        )
 
 
 @registry.selection("window", granularity="block", summary="static 3D local window over grid")
@@ -324,8 +344,7 @@ class Window:
         grid: tuple[int, int, int] | None = None,
         state: Any = None,
     ) -> BlockLayout:
-        def build(g: tuple[int, int, int]) -> torch.Tensor:
-            radii = (self.t, self.h, self.w)
-            return window_block_mask(g, self.block_q, self.block_k, radii, self.keep)
-
-        return _static_layout("window", q, k, grid, self.block_q, self.block_k, build)
+        args = (self.block_q, self.block_k, (self.t, self.h, self.w), self.keep)
+        return _static_layout(
+            "window", q, k, grid, self.block_q, self.block_k, window_block_mask, args
+        )
