@@ -32,19 +32,20 @@ def brute_labels(x, centers):
     return dist.argmin(-1)
 
 
-def sorted_labels(x, centers, index_dtype=torch.int64):
+def sorted_labels(x, centers, index_dtype=torch.int64, tiles=None):
     from tailattn.kernels import kmeans as kk
 
-    return kk.assign_and_sort(x, kk.prepare(centers, x.dtype), index_dtype)
+    return kk.assign_and_sort(x, kk.prepare(centers, x.dtype), index_dtype, tiles)
 
 
 @pytest.mark.parametrize("d", [32, 40, 64, 128])
 @pytest.mark.parametrize(("n", "c"), [(203, 21), (20, 3)])  # ragged N; C not a tile multiple
 def test_assignment_is_the_nearest_centroid_and_a_stable_sort(d, n, c):
-    from tailattn.kernels.kmeans import cluster_sizes
+    from tailattn.kernels.kmeans import Tiles, cluster_sizes
 
     x, centers = separated(n=n, d=d, c=c, seed=d + n)
-    order = sorted_labels(x, centers)
+    tiles = Tiles(block_n=128, block_c=64) if d == 128 else None  # the GPU tiles too
+    order = sorted_labels(x, centers, tiles=tiles)
     expected = brute_labels(x, centers)
     assert order.labels.dtype == torch.int64 and torch.equal(order.labels.cpu(), expected.cpu())
     assert torch.equal(order.perm, cluster_permutation(order.labels))

@@ -219,17 +219,21 @@ def test_selection_is_sync_free_and_graph_capturable(keep):
         for _ in range(2)
     )
     sel, scale = SVG2(keep=keep, iterations=5), 128**-0.5
-    state = SVG2State()
-    sel(q, k, scale=scale, state=state)  # compiles the kernels, fills the state
+    stream = torch.cuda.Stream()  # warm up and capture on one stream (lazy inits before capture)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        state = SVG2State()
+        sel(q, k, scale=scale, state=state)  # compiles the kernels, fills the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cold = sel(q, k, scale=scale)
+            warm = sel(q, k, scale=scale, state=SVG2State(state.q_centroids, state.k_centroids))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        cold = sel(q, k, scale=scale)
-        warm = sel(q, k, scale=scale, state=SVG2State(state.q_centroids, state.k_centroids))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         captured_cold = sel(q, k, scale=scale)
         captured_warm = sel(
             q, k, scale=scale, state=SVG2State(state.q_centroids, state.k_centroids)

@@ -202,33 +202,40 @@ class Sorted:
     """A labelling and its stable counting sort.
 
     labels (B, H, N), perm (B, H, N): ``perm[b, h, j]`` is the j-th token in (label, token)
-    order; prefix (B, H, C, T): inclusive prefix counts of the tile histograms in (b, h, c, t)
-    order (see the module docstring).
+    order; hist (B, H, C, T): tokens of cluster c in token tile t; prefix (B, H, C, T): its
+    inclusive prefix sums in (b, h, c, t) order (see the module docstring).
     """
 
     labels: torch.Tensor
     perm: torch.Tensor
+    hist: torch.Tensor
     prefix: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Tiles:
     """Launch sizes: tokens per assignment tile, centroids per distance tile, tokens per chunk
-    of a segment sum, and warps of the assignment."""
+    of a segment sum, warps and pipeline stages of the assignment."""
 
     block_n: int = 128
     block_c: int = 64
     chunk: int = 64
     warps: int = 4
+    stages: int = 3
 
     @classmethod
     def default(cls, head_dim: int, dtype: torch.dtype) -> Tiles:
-        """Small tiles in the interpreter; on the GPU 128 tokens x 64 centroids (64 tokens for
-        wide float32 rows, to keep the token tile and three centroid stages in shared memory)."""
+        """Small tiles in the interpreter. On the GPU 128 tokens x 64 centroids for rows of up
+        to 256 bytes in the dot dtype (head dim 128 in 16 bits); wider rows get smaller tiles,
+        so the token tile and the centroid stages stay within shared memory (<= 128 KiB)."""
         if interpreting():
             return cls(block_n=32, block_c=16, chunk=16)
-        wide = _pad(head_dim) * dot_dtype(dtype).itemsize > 256
-        return cls(block_n=64 if wide else 128)
+        row = _pad(head_dim) * dot_dtype(dtype).itemsize
+        if row <= 256:
+            return cls()
+        if row <= 512:
+            return cls(block_n=64)
+        return cls(block_n=64, block_c=32, stages=2)
 
 
 def _pad(d: int) -> int:
@@ -280,7 +287,7 @@ def assign_and_sort(
         x.stride(0), x.stride(1), x.stride(2),
         h, n, c, t,
         D=d, D_PAD=_pad(d), BLOCK_N=tiles.block_n, BLOCK_C=tiles.block_c,
-        PRECISION="tf32", UPCAST=upcast, num_warps=tiles.warps, num_stages=3,
+        PRECISION="tf32", UPCAST=upcast, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     prefix = torch.cumsum(hist.view(-1), 0, dtype=count_dtype).view(b, h, c, t)
     perm = torch.empty(b, h, n, device=x.device, dtype=index_dtype)
@@ -288,7 +295,7 @@ def assign_and_sort(
         labels, hist, prefix, perm, n, c, t,
         BLOCK_N=tiles.block_n, RANK_CHUNK=min(32, tiles.block_n), num_warps=4,
     )  # fmt: skip
-    return Sorted(labels, perm, prefix)
+    return Sorted(labels, perm, hist, prefix)
 
 
 def _segments(
@@ -325,7 +332,5 @@ def update(x: torch.Tensor, order: Sorted, centroids: Centroids) -> Centroids:
 
 
 def cluster_sizes(order: Sorted) -> torch.Tensor:
-    """Members of every cluster, (B, H, C) int64, from the prefix counts."""
-    ends = order.prefix[..., -1].to(torch.int64)  # (B, H, C) counted from the first (b, h)
-    ends = ends - ends[..., -1:] + order.labels.shape[-1]
-    return torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[..., :1]))
+    """Members of every cluster, (B, H, C) int64: the tile histograms summed (exact)."""
+    return order.hist.sum(dim=-1, dtype=torch.int64)
