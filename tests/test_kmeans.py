@@ -10,6 +10,7 @@ from tailattn.select.kmeans import (
     assign_clusters,
     cluster_permutation,
     cluster_sums,
+    initial_positions,
     kmeans,
     prefix_cluster_sums,
 )
@@ -66,6 +67,7 @@ def test_kmeans_is_deterministic_with_a_seed():
     b = kmeans(x.clone(), 9, 10, seed=4)
     assert torch.equal(a.centroids, b.centroids) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.sizes.sum(-1), torch.full((1, 2), 300))
+    assert torch.equal(a.perm, cluster_permutation(a.labels))
     other = kmeans(x, 9, 10, seed=5)  # another seed starts from other tokens
     assert not torch.equal(other.centroids, a.centroids)
 
@@ -94,3 +96,25 @@ def test_kmeans_bad_arguments():
         kmeans(x, 4, 0)
     with pytest.raises(ValueError, match=r"init must have shape \(1, 2, 4, 6\)"):
         kmeans(x, 4, 3, init=torch.zeros(1, 2, 5, 6))
+
+
+@pytest.mark.parametrize(("n", "c"), [(300, 9), (1000, 434), (7, 7), (5, 1)])
+def test_initial_positions_take_one_token_per_stratum(n, c):
+    picks = initial_positions(n, c, seed=3)
+    strata = torch.arange(c) * n // c
+    assert picks.dtype == torch.int64 and picks.shape == (c,)
+    assert bool((picks >= strata).all()) and bool((picks < (torch.arange(c) + 1) * n // c).all())
+    assert torch.equal(initial_positions(n, c, seed=3), picks)
+    if n >= 2 * c:
+        assert not torch.equal(initial_positions(n, c, seed=4), picks)
+        assert not torch.equal(initial_positions(n, c, seed=-3), picks)
+
+
+def test_every_batch_head_is_clustered_on_its_own():
+    x = points(seed=9, b=1, h=2)
+    batch = torch.cat([x.flip(1), x, x], dim=0)  # head 0 of x sits at (0, 1), (1, 0), (2, 0)
+    whole = kmeans(batch, 7, 4, seed=2)
+    alone = kmeans(x[:, :1], 7, 4, seed=2)
+    for b, h in ((0, 1), (1, 0), (2, 0)):
+        assert torch.equal(whole.centroids[b, h], alone.centroids[0, 0])
+        assert torch.equal(whole.labels[b, h], alone.labels[0, 0])

@@ -1,6 +1,8 @@
 """SVG2: clusters, permutation, cluster-pair selection mapped onto blocks, warm start."""
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -125,3 +127,120 @@ def test_bad_state_and_parameters(skewed):
         SVG2(q_clusters=0)
     with pytest.raises(TypeError, match="seed must be an integer"):
         SVG2(seed=1.5)
+
+
+def _checked(layout):
+    """The layout rebuilt with validation on (raises if it is not a valid layout)."""
+    from tailattn.layout import BlockLayout
+
+    fields = ("kv_indices", "kv_counts", "n_q", "n_k", "block_q", "block_k", "q_perm", "kv_perm")
+    return BlockLayout(*(getattr(layout, f) for f in fields), check=True)
+
+
+@pytest.mark.parametrize("keep", [None, 0.2])
+def test_identical_batch_items_and_heads_get_identical_results(keep):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=gen).expand(2, -1, -1, -1) for _ in range(3))
+    out, info = tailattn.attention(q, k, v, "svg2+uta", keep=keep, return_info=True)
+    assert torch.equal(out[0], out[1])  # issue 13: was 0.73 apart
+    layout = info["layout"]
+    for name in ("kv_indices", "kv_counts", "q_perm", "kv_perm"):
+        assert torch.equal(getattr(layout, name)[0], getattr(layout, name)[1]), name
+    heads = [x[:1, :1].expand(1, 3, -1, -1) for x in (q, k, v)]
+    out_h = tailattn.attention(*heads, "svg2+uta", keep=keep)
+    assert torch.equal(out_h[:, 0], out_h[:, 1]) and torch.equal(out_h[:, 0], out_h[:, 2])
+    assert torch.equal(out_h[0, 0], out[0, 0])  # and the same as at another batch place
+    again = tailattn.attention(q, k, v, "svg2+uta", keep=keep)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("keep", [None, 0.3])
+def test_layouts_pass_validation(skewed, keep):
+    q, k, _ = skewed(seed=7, n=200)
+    sel = SVG2(keep=keep, q_clusters=6, k_clusters=12, iterations=4, block_q=32, block_k=32)
+    layout = _checked(sel(q, k, scale=0.2))
+    assert bool((layout.kv_counts >= 1).all())
+    state = SVG2State()
+    sel(q, k, scale=0.2, state=state)
+    _checked(sel(q, k, scale=0.2, state=state))
+
+
+def test_kmeans_backend_parameter():
+    assert SVG2(kmeans_backend="reference").kmeans_backend == "reference"
+    with pytest.raises(ValueError, match="kmeans_backend must be one of"):
+        SVG2(kmeans_backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' cannot run k-means"):
+        tailattn.attention(
+            *(torch.randn(1, 1, 32, 16, dtype=torch.float64),) * 3,
+            "svg2(kmeans_backend=triton)",
+            keep=0.5,
+        )
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (torch.cuda.is_available() or INTERPRET),
+    reason="needs Triton with CUDA or TRITON_INTERPRET=1",
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("keep", [None, 0.5])
+def test_kernel_kmeans_gives_the_reference_layout(skewed, keep):
+    q, k, _ = (x.float().to(DEVICE) for x in skewed(seed=9, n=128))
+    params = dict(keep=keep, q_clusters=4, k_clusters=8, iterations=2, block_q=32, block_k=32)
+    fast = SVG2(**params, kmeans_backend="triton")
+    ref = SVG2(**params, kmeans_backend="reference")
+    states = SVG2State(), SVG2State()
+    for _ in range(2):  # cold, then warm-started from the state
+        a = _checked(fast(q, k, scale=0.2, state=states[0]))
+        b = ref(q, k, scale=0.2, state=states[1])
+        for name in ("kv_indices", "kv_counts", "q_perm", "kv_perm"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert states[0].calls == 2
+    assert float((states[0].k_centroids - states[1].k_centroids).abs().max()) < 1e-5
+
+
+@needs_kernels
+def test_kernel_kmeans_keeps_identical_batch_items_identical(skewed):
+    twins = [x[:, :1].float().to(DEVICE).expand(2, 2, -1, -1) for x in skewed(seed=10, n=64)]
+    spec = "svg2(q_clusters=3, k_clusters=5, iterations=2, kmeans_backend=triton)+uta"
+    out = tailattn.attention(*twins, spec, keep=0.5, block_q=32, block_k=32)
+    assert all(torch.equal(out[i, j], out[0, 0]) for i in range(2) for j in range(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("keep", [None, 0.2])
+def test_selection_is_sync_free_and_graph_capturable(keep):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (
+        torch.randn(2, 3, 4000, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(2)
+    )
+    sel, scale = SVG2(keep=keep, iterations=5), 128**-0.5
+    stream = torch.cuda.Stream()  # warm up and capture on one stream (lazy inits before capture)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        state = SVG2State()
+        sel(q, k, scale=scale, state=state)  # compiles the kernels, fills the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cold = sel(q, k, scale=scale)
+            warm = sel(q, k, scale=scale, state=SVG2State(state.q_centroids, state.k_centroids))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured_cold = sel(q, k, scale=scale)
+        captured_warm = sel(
+            q, k, scale=scale, state=SVG2State(state.q_centroids, state.k_centroids)
+        )
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in ((captured_cold, cold), (captured_warm, warm)):
+        _checked(got)
+        for name in ("kv_indices", "kv_counts", "q_perm", "kv_perm"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name

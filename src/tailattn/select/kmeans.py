@@ -1,19 +1,41 @@
 r"""k-means over the tokens of every (batch, head): SVG2's clustering (:mod:`.svg2`).
 
-Lloyd's algorithm, batched over (batch, head), in PyTorch on any device:
+Lloyd's algorithm, one clustering per (batch, head), batched:
 
-    labels_i = argmin_c ||x_i - mu_c||^2 = argmin_c (||mu_c||^2 - 2 x_i . mu_c)
+    labels_i = argmin_c ||x_i - mu_c||^2 = argmin_c (||mu_c||^2 - 2 x_i . mu_c)   (ties: lowest c)
     mu_c     = mean of the x_i with labels_i = c        (an empty cluster keeps its centroid)
 
-Cluster sums never use floating-point atomics, so a run is bitwise reproducible on its device:
-on CPU a sequential ``index_add_``, elsewhere a stable sort by label and the difference of a
-float64 prefix sum at each cluster's end and start. Initial centroids are distinct tokens drawn
-with a seeded CPU generator, the same on every device. :func:`cluster_permutation` makes each
-cluster contiguous.
+``iterations`` such steps, then a final assignment to the returned centroids with its cluster
+sizes and :func:`cluster_permutation` (the stable sort of the tokens by label, which makes every
+cluster contiguous).
+
+Initial centroids (ours): stratified tokens. The N tokens are cut into C strata
+``[floor(c N / C), floor((c + 1) N / C))`` and centroid c starts at the token of stratum c at
+offset ``mix32(seed, c) mod (stratum length)`` (a 32-bit integer hash). The C tokens are distinct,
+spread over the whole (t, h, w) sequence, and depend on (N, C, seed) only: every (batch, head)
+starts from the same positions of its own tokens, so its clustering does not depend on where it
+sits in the batch (issue 13), and the positions are integer tensor ops on x's device (no host
+random generator, no copy to the device).
+
+Two paths, chosen per call by ``backend`` (no global switch), equal on well-separated data:
+
+* ``"triton"``: :mod:`tailattn.kernels.kmeans`, four launches per Lloyd step, integer
+  histograms and a counting sort instead of atomics, float32 segment sums; no host-device
+  synchronization and no float64, so it runs under ``torch.cuda.set_sync_debug_mode("error")``
+  and inside CUDA-graph capture. The default for CUDA tensors in float16, bfloat16 or float32
+  with a head dim up to 256; in the CPU interpreter (``TRITON_INTERPRET=1``) when asked for.
+* ``"reference"``: PyTorch on any device, in float32 (float64 for float64 input): assignment by
+  chunked ``baddbmm`` + argmin, cluster sums by a sequential ``index_add_`` on CPU and by the
+  difference of a float64 prefix sum over the label-sorted tokens elsewhere. The default
+  otherwise.
+
+Both are bitwise reproducible on a given device: same input and seed, same result.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +44,14 @@ from .._checks import accumulation_dtype, check_positive
 from ..permute import permute_tokens
 
 ASSIGN_CHUNK_BYTES = 32 * 2**20
-"""Bytes of one (B*H, rows, C) block of distances during the assignment step."""
+"""Bytes of one (B*H, rows, C) block of distances during the reference assignment step."""
+
+BACKENDS = (None, "reference", "triton")
+"""``None`` picks the Triton kernels for CUDA tensors they can take, the reference otherwise."""
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+_MIX32 = 0x045D9F3B  # < 2^31: products of 32-bit values stay inside int64
 
 
 def cluster_permutation(labels: torch.Tensor) -> torch.Tensor:
@@ -36,12 +65,14 @@ def cluster_permutation(labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KMeansResult:
-    """Centroids (B, H, C, D) in the accumulation dtype, labels (B, H, N) int64 in [0, C), and
-    cluster sizes (B, H, C) int64 (sizes sum to N)."""
+    """Centroids (B, H, C, D) in the accumulation dtype, labels (B, H, N) int64 in [0, C),
+    cluster sizes (B, H, C) int64 (sizes sum to N), and ``perm`` (B, H, N) int64, the
+    :func:`cluster_permutation` of the labels."""
 
     centroids: torch.Tensor
     labels: torch.Tensor
     sizes: torch.Tensor
+    perm: torch.Tensor
 
 
 def assign_clusters(
@@ -49,7 +80,8 @@ def assign_clusters(
 ) -> torch.Tensor:
     """Nearest centroid of every token: (B, H, N, D), (B, H, C, D) -> labels (B, H, N) int64.
 
-    Ties go to the lowest cluster id. Streams over token chunks: memory O(chunk * C).
+    The reference assignment (PyTorch, centroids' dtype). Ties go to the lowest cluster id.
+    Streams over token chunks: memory O(chunk * C).
     """
     b, h, n, d = x.shape
     c = centroids.shape[2]
@@ -77,7 +109,7 @@ def cluster_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster sums (B, H, C, D) in x's dtype and sizes (B, H, C) int64, deterministically.
 
-    CPU: a sequential ``index_add_`` (deterministic there); other devices:
+    The reference: a sequential ``index_add_`` on CPU (deterministic there), on other devices
     :func:`prefix_cluster_sums` (no atomics).
     """
     if x.device.type != "cpu":
@@ -93,7 +125,7 @@ def prefix_cluster_sums(
     x: torch.Tensor, labels: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cluster_sums` by sorting: the difference of a float64 prefix sum over the tokens
-    sorted by label, at each cluster's end and start (same result on every run and device)."""
+    sorted by label, at each cluster's end and start (same result on every run)."""
     b, h, _, d = x.shape
     sizes = cluster_sizes(labels, n_clusters)
     ordered = permute_tokens(x, cluster_permutation(labels)).to(torch.float64)
@@ -107,13 +139,87 @@ def prefix_cluster_sums(
     return (at(ends) - at(starts)).to(x.dtype), sizes
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2^32) (xor-shift-multiply, twice)."""
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    return x ^ (x >> 16)
+
+
+def initial_positions(
+    n_tokens: int, n_clusters: int, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Token index of every initial centroid, (C,) int64: one token per stratum
+    ``[floor(c N / C), floor((c + 1) N / C))`` at a seeded hash offset (module docstring)."""
+    c = torch.arange(n_clusters, dtype=torch.int64, device=device)
+    low = c * n_tokens // n_clusters
+    width = (c + 1) * n_tokens // n_clusters - low
+    key = (c + ((seed & _MASK32) * _GOLDEN32 & _MASK32)) & _MASK32
+    return low + _mix32(key) % width
+
+
 def initial_centroids(x: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
-    """``n_clusters`` distinct tokens of each (batch, head), drawn with a seeded CPU generator."""
+    """The stratified starting centroids of every (batch, head), (B, H, C, D) in the
+    accumulation dtype: the same token positions for every (batch, head)."""
     b, h, n, d = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.rand(b, h, n, generator=gen).argsort(dim=-1)[..., :n_clusters]
-    acc = accumulation_dtype(x.dtype)
-    return x.gather(2, picks.to(x.device).unsqueeze(-1).expand(b, h, n_clusters, d)).to(acc)
+    picks = initial_positions(n, n_clusters, seed, x.device)
+    index = picks.view(1, 1, n_clusters, 1).expand(b, h, n_clusters, d)
+    return x.gather(2, index).to(accumulation_dtype(x.dtype))
+
+
+def triton_unsupported(x: torch.Tensor) -> str | None:
+    """Why the Triton k-means cannot take x (``None`` when it can), CUDA or the interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"x is on {x.device.type}, not CUDA (or TRITON_INTERPRET=1 on CPU)"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x is {x.dtype}; the kernels take float16, bfloat16 and float32"
+    from ..kernels.kmeans import MAX_HEAD_DIM
+
+    if x.shape[-1] > MAX_HEAD_DIM:
+        return f"the head dim {x.shape[-1]} is above {MAX_HEAD_DIM}"
+    return None
+
+
+def use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    """The dispatcher: whether k-means of x runs on the Triton kernels.
+
+    ``None`` takes them for CUDA tensors they support; ``"triton"`` insists (a ValueError
+    says why it cannot); ``"reference"`` never takes them.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    reason = triton_unsupported(x)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run k-means: {reason}")
+    return reason is None and (backend == "triton" or x.device.type == "cuda")
+
+
+def _lloyd_reference(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> KMeansResult:
+    n_clusters = centroids.shape[2]
+    x_acc = x.to(centroids.dtype)
+    for _ in range(iterations):
+        labels = assign_clusters(x_acc, centroids)
+        sums, sizes = cluster_sums(x_acc, labels, n_clusters)
+        means = sums / sizes.clamp_min(1).unsqueeze(-1).to(centroids.dtype)
+        centroids = torch.where((sizes > 0).unsqueeze(-1), means, centroids)
+    labels = assign_clusters(x_acc, centroids)
+    sizes = cluster_sizes(labels, n_clusters)
+    return KMeansResult(centroids, labels, sizes, cluster_permutation(labels))
+
+
+def _lloyd_triton(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> KMeansResult:
+    from ..kernels import kmeans as kk
+
+    x = x if x.stride(-1) == 1 else x.contiguous()  # once, not in every launch
+    state = kk.prepare(centroids, x.dtype)
+    for _ in range(iterations):
+        state = kk.update(x, kk.assign_and_sort(x, state, torch.int32), state)
+    final = kk.assign_and_sort(x, state, torch.int64)
+    return KMeansResult(state.values, final.labels, kk.cluster_sizes(final), final.perm)
 
 
 def kmeans(
@@ -123,40 +229,38 @@ def kmeans(
     *,
     seed: int = 0,
     init: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> KMeansResult:
     """Batched k-means over the token axis of x (B, H, N, D), one clustering per (batch, head).
 
     Args:
-        x: points, any float dtype; computed in float32 (float64 for float64 input).
+        x: points, any float dtype; computed in float32 (float64 for float64 input; the
+            Triton path rounds the distance dot as :mod:`tailattn.kernels.kmeans` says).
         n_clusters: C, 1 <= C <= N.
         iterations: Lloyd updates (assign, then move each centroid to its cluster's mean); the
             returned labels are a final assignment to the returned centroids.
-        seed: seed of the initial centroids (ignored with ``init``).
+        seed: seed of the stratified initial centroids (ignored with ``init``).
         init: (B, H, C, D) starting centroids (warm start), e.g. the previous call's.
+        backend: ``None`` (Triton kernels on CUDA, the reference elsewhere), ``"triton"`` or
+            ``"reference"`` (module docstring).
 
     Returns:
-        A :class:`KMeansResult`; identical for identical inputs and seed, on every device.
+        A :class:`KMeansResult`, identical for identical inputs and seed on a given device;
+        each (batch, head)'s part depends on that (batch, head)'s tokens only.
     """
     n_clusters = int(check_positive(n_clusters, "n_clusters", integer=True))
     iterations = int(check_positive(iterations, "iterations", integer=True))
     b, h, n, d = x.shape
     if n_clusters > n:
         raise ValueError(f"n_clusters must be at most the number of tokens {n}, got {n_clusters}")
-    acc = accumulation_dtype(x.dtype)
     if init is None:
         centroids = initial_centroids(x, n_clusters, seed)
+    elif tuple(init.shape) != (b, h, n_clusters, d):
+        raise ValueError(
+            f"init must have shape {(b, h, n_clusters, d)} (B, H, C, D), got {tuple(init.shape)}"
+        )
     else:
-        if tuple(init.shape) != (b, h, n_clusters, d):
-            raise ValueError(
-                f"init must have shape {(b, h, n_clusters, d)} (B, H, C, D), "
-                f"got {tuple(init.shape)}"
-            )
-        centroids = init.to(device=x.device, dtype=acc)
-    x_acc = x.to(acc)
-    for _ in range(iterations):
-        labels = assign_clusters(x_acc, centroids)
-        sums, sizes = cluster_sums(x_acc, labels, n_clusters)
-        means = sums / sizes.clamp_min(1).unsqueeze(-1).to(acc)
-        centroids = torch.where((sizes > 0).unsqueeze(-1), means, centroids)
-    labels = assign_clusters(x_acc, centroids)
-    return KMeansResult(centroids, labels, cluster_sizes(labels, n_clusters))
+        centroids = init.to(device=x.device, dtype=accumulation_dtype(x.dtype))
+    if use_triton(x, backend):
+        return _lloyd_triton(x, centroids, iterations)
+    return _lloyd_reference(x, centroids, iterations)

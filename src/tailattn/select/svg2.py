@@ -1,9 +1,9 @@
 r"""SVG2 (Sparse VideoGen2): semantic-aware permutation by k-means, cluster-pair top-p.
 
 1. k-means on the queries and, separately, on the keys of every (batch, head)
-   (:func:`tailattn.permute.kmeans`): ``iterations`` (50) Lloyd steps on the first call, then
-   ``warm_iterations`` (2) steps from the previous call's centroids when an :class:`SVG2State`
-   is passed (``state=``); nothing is kept between calls otherwise.
+   (:func:`tailattn.select.kmeans.kmeans`): ``iterations`` (50) Lloyd steps on the first call,
+   then ``warm_iterations`` (2) steps from the previous call's centroids when an
+   :class:`SVG2State` is passed (``state=``); nothing is kept between calls otherwise.
 2. Permute queries and keys so that every cluster is contiguous (stable sort by label).
 3. Cluster-pair mass: query cluster a, key cluster b with centroids c_a, c_b and size n_b,
 
@@ -27,6 +27,15 @@ keys in key block j:
 * budget mode ranks key blocks by ``S_mj = sum_ab W_ma P_ab U_jb`` (the cluster-pair mass
   spread evenly over each cluster's keys, averaged over the block's queries).
 
+Speed and determinism: on CUDA the k-means runs on the Triton kernels
+(:mod:`tailattn.kernels.kmeans`; ``kmeans_backend`` picks the path) and the rest is a fixed
+sequence of tensor ops of static shapes, so the whole selection never synchronizes with the
+host and can be captured in a CUDA graph. Both layouts are correct by construction and built
+without validation syncs: in top-p mode every query block holds a query cluster whose top key
+cluster is non-empty (>= 1 kept key block), in budget mode every row keeps ``ceil(keep * Mk)``
+distinct ids. Every (batch, head) is computed from its own q and k only (the initial centroids
+too), so identical batch items get bitwise identical layouts; same input, same layout.
+
 Cluster counts: the paper's 300 query / 1000 key clusters are for Wan 720p (N = 75,600); by
 default they scale with N at the same tokens per cluster (ours), at least min(N, 8).
 """
@@ -42,8 +51,8 @@ import torch
 from .._checks import check_fraction, check_positive
 from ..layout import BlockLayout, num_blocks
 from ..methods import registry
-from .blocks import block_budget, check_block_size, layout_from_ranking, top_mass_counts
-from .kmeans import KMeansResult, cluster_permutation, kmeans
+from .blocks import block_budget, check_block_size, top_mass_counts
+from .kmeans import BACKENDS, KMeansResult, kmeans
 
 WAN720P_TOKENS = 75_600
 WAN720P_Q_CLUSTERS = 300
@@ -117,8 +126,13 @@ class SVG2:
     seed: int = 0
     block_q: int = 128
     block_k: int = 128
+    kmeans_backend: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kmeans_backend not in BACKENDS:
+            raise ValueError(
+                f"kmeans_backend must be one of {BACKENDS}, got {self.kmeans_backend!r}"
+            )
         if self.keep is not None:
             check_fraction(self.keep, "keep")
         check_fraction(self.top_p, "top_p")
@@ -160,7 +174,9 @@ class SVG2:
         results = []
         for x, n_clusters, init in ((q, cq, init_q), (k, ck, init_k)):
             steps = self.iterations if init is None else self.warm_iterations
-            results.append(kmeans(x, n_clusters, steps, seed=self.seed, init=init))
+            results.append(
+                kmeans(x, n_clusters, steps, seed=self.seed, init=init, backend=self.kmeans_backend)
+            )
         q_km, k_km = results
         if state is not None:
             state.q_centroids, state.k_centroids = q_km.centroids, k_km.centroids
@@ -178,10 +194,9 @@ class SVG2:
     ) -> BlockLayout:
         q_km, k_km = self.cluster(q, k, state)
         n_q, n_k = q.shape[2], k.shape[2]
-        q_perm, kv_perm = cluster_permutation(q_km.labels), cluster_permutation(k_km.labels)
         cq, ck = q_km.sizes.shape[-1], k_km.sizes.shape[-1]
-        q_counts = block_cluster_counts(q_km.labels, q_perm, cq, self.block_q)
-        k_counts = block_cluster_counts(k_km.labels, kv_perm, ck, self.block_k)
+        q_counts = block_cluster_counts(q_km.labels, q_km.perm, cq, self.block_q)
+        k_counts = block_cluster_counts(k_km.labels, k_km.perm, ck, self.block_k)
         mass = cluster_pair_mass(q_km, k_km, scale)
         if self.keep is None:
             probs, order = mass.sort(dim=-1, descending=True, stable=True)
@@ -189,15 +204,25 @@ class SVG2:
             chosen = torch.arange(ck, device=mass.device) < counts.unsqueeze(-1)
             selected = torch.zeros_like(chosen).scatter_(-1, order, chosen).to(mass.dtype)
             hits = (q_counts > 0).to(mass.dtype) @ selected @ (k_counts > 0).to(mass.dtype).mT
+            # >= 1 kept block per row by construction (module docstring): no validation sync
             return BlockLayout.from_dense(
-                hits > 0, n_q, n_k, self.block_q, self.block_k, q_perm, kv_perm
+                hits > 0, n_q, n_k, self.block_q, self.block_k, q_km.perm, k_km.perm, check=False
             )
         q_share = q_counts.to(mass.dtype) / q_counts.sum(-1, keepdim=True).to(mass.dtype)
         k_share = k_counts.to(mass.dtype) / k_km.sizes.clamp_min(1).unsqueeze(-2).to(mass.dtype)
         block_mass = (q_share @ mass) @ k_share.mT
         budget = block_budget(self.keep, block_mass.shape[-1])
-        ranked = block_mass.topk(budget, dim=-1).indices
-        counts = torch.full(block_mass.shape[:3], budget, dtype=torch.int64, device=q.device)
-        return layout_from_ranking(
-            ranked, counts, n_q, n_k, self.block_q, self.block_k, q_perm, kv_perm
+        kept = block_mass.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        counts = torch.full(kept.shape[:3], budget, dtype=torch.int32, device=kept.device)
+        # distinct, in-range ids and a full count by construction: no validation sync
+        return BlockLayout(
+            kept.to(torch.int32),
+            counts,
+            n_q,
+            n_k,
+            self.block_q,
+            self.block_k,
+            q_km.perm,
+            k_km.perm,
+            check=False,
         )
