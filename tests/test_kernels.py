@@ -162,6 +162,27 @@ def test_block_means_and_log_counts():
     assert torch.allclose(log_count.double().cpu(), torch.log(sizes))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_spread_is_the_mean_and_mean_absolute_deviation(dtype):
+    from tailattn.kernels import block_spread
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 3, 200, 32, generator=gen) * 2 + 1).to(dtype)
+    mean, spread = block_spread(x.to(DEVICE), 64)
+    xd = x.double()
+    ref_mean = torch.stack([xd[:, :, i : i + 64].mean(2) for i in range(0, 200, 64)], 2)
+    ref_spread = torch.stack(
+        [
+            (xd[:, :, i : i + 64] - ref_mean[:, :, i // 64, None]).abs().mean(2)
+            for i in range(0, 200, 64)
+        ],
+        2,
+    )
+    assert mean.shape == spread.shape == (2, 3, 4, 32)
+    assert float((mean.double().cpu() - ref_mean).abs().max()) < 1e-5
+    assert float((spread.double().cpu() - ref_spread).abs().max()) < 1e-5
+
+
 def test_triton_block_means_match_torch_pooling():
     from tailattn.kernels.pooling import block_means
     from tailattn.select.blocks import pool_blocks
@@ -217,3 +238,20 @@ def test_kernel_tma_descriptor_path(tail):
     ref_out, ref_lse = brute_force(*views, layout, tail)
     assert rel(out, ref_out) < 1e-3
     assert float((lse.double().cpu() - ref_lse).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("curve", ["none", "gilbert"])
+def test_rectified_on_the_kernel_matches_the_reference(curve):
+    import tailattn
+
+    gen = torch.Generator().manual_seed(11)
+    grid = (3, 8, 12)
+    q, k, v = (torch.randn(1, 2, 288, 64, generator=gen).to(DEVICE) for _ in range(3))
+    spec = f"rectified(curve={curve}, drop_rate=0.6, block_q=64, block_k=64)"
+    ref, ref_info = tailattn.attention(
+        q, k, v, spec, grid=grid, backend="reference", return_info=True
+    )
+    out, info = tailattn.attention(q, k, v, spec, grid=grid, backend="triton", return_info=True)
+    assert rel(out, ref.double().cpu()) < 1e-3
+    assert rel(info["lse"], ref_info["lse"].double().cpu()) < 1e-5
+    assert info["density"] == ref_info["density"] < 1
