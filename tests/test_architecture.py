@@ -99,3 +99,13 @@ def test_using_the_api_loads_the_registry():
         "assert 'uta' in registry.tails('block')"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["tailattn.tails.block", "tailattn.reference", "tailattn.select.rectified", "tailattn.execute"],
+)
+def test_any_core_module_imports_first(module):
+    # no import cycle, whichever module a user (or the registry) imports first
+    code = f"import {module}; from tailattn.methods import registry; registry.tails('block')"
+    subprocess.run([sys.executable, "-c", code], check=True)

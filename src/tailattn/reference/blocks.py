@@ -25,10 +25,9 @@ from .. import metrics
 from .._checks import accumulation_dtype
 from ..layout import BlockLayout, to_blocks
 from ..methods import registry
+from ..parts import merge_tokens, softmax_part
 from ..permute import permute_tokens, unpermute_tokens
 from ..tails.block import BlockTail, ChunkTail, key_block_sums
-from .full import softmax_part
-from .merge import merge_tokens
 from .streaming import DEFAULT_CHUNK_BYTES
 
 BLOCK_STAT_NAMES = ("density", "budget", "recall", "tail_mass_error", "implied_tv")

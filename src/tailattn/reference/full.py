@@ -5,33 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import accumulation_dtype, check_qkv, check_scale
+from ..parts import softmax_part
 from .streaming import DEFAULT_CHUNK_BYTES, iter_logits
-
-
-def softmax_part(
-    logits: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized attention over a chunk's (optionally masked) logits.
-
-    Computes ``o = sum_i e^{z_i} v_i / sum_i e^{z_i}`` (Eq. 3) with max subtraction, and
-    ``lse = log sum_i e^{z_i}``; with ``keep`` the sums run over the kept keys only (Eq. 5).
-
-    Args:
-        logits: (B, H, Cq, Nk).
-        v: (B, H, Nk, Dv) in the same dtype.
-        keep: optional bool mask (B, H, Cq, Nk).
-
-    Returns:
-        o (B, H, Cq, Dv) and lse (B, H, Cq); rows with no kept key give o = 0, lse = -inf.
-    """
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(logits - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v) / denom.clamp_min(torch.finfo(p.dtype).tiny)
-    return out, (row_max + torch.log(denom)).squeeze(-1)
 
 
 def full_attention(

@@ -18,9 +18,8 @@ import torch
 
 from .. import metrics
 from .._checks import accumulation_dtype
+from ..parts import merge_tokens, softmax_part
 from ..tails.token import TailTokens
-from .full import softmax_part
-from .merge import merge_tokens
 from .streaming import DEFAULT_CHUNK_BYTES, iter_logits
 
 Selection = Callable[[torch.Tensor], torch.Tensor]

@@ -59,8 +59,8 @@ import torch
 from .._checks import accumulation_dtype, check_fraction, check_positive
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
+from ..parts import merge_tokens
 from ..reference.full import full_attention
-from ..reference.merge import merge_tokens
 from ..reference.streaming import DEFAULT_CHUNK_BYTES
 from ..tails.block import BlockDrop, BlockTail, key_block_sums, to_blocks
 from .blocks import check_block_size, pooled_logits

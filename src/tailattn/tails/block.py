@@ -36,9 +36,8 @@ import torch
 from ..contract import BlockTail, KernelTail
 from ..layout import BlockLayout, block_sizes, to_blocks
 from ..methods import registry
+from ..parts import merge_tokens, softmax_part
 from ..permute import permute_tokens, unpermute_tokens
-from ..reference.full import softmax_part
-from ..reference.merge import merge_tokens
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Log-sum-exp merging of attention parts.
+"""Attention parts: a softmax over a chunk of logits, and log-sum-exp merging of parts.
 
 A part is a normalized output ``o`` with its log-sum-exp ``lse`` (the log of the unnormalized
-softmax denominator). Two parts over disjoint key sets merge exactly as
+softmax denominator). :func:`softmax_part` makes one from logits; two parts over disjoint key
+sets merge exactly as
 
     lse = logaddexp(lse_a, lse_b),   o = e^(lse_a - lse) o_a + e^(lse_b - lse) o_b,
 
@@ -41,3 +42,29 @@ def merge_tokens(
         weights = torch.exp(token_logits - safe_total.unsqueeze(-1))
         merged = merged + (weights.unsqueeze(-1) * token_values).sum(dim=-2)
     return merged, total
+
+
+def softmax_part(
+    logits: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized attention over a chunk's (optionally masked) logits.
+
+    Computes ``o = sum_i e^{z_i} v_i / sum_i e^{z_i}`` (Eq. 3) with max subtraction, and
+    ``lse = log sum_i e^{z_i}``; with ``keep`` the sums run over the kept keys only (Eq. 5).
+
+    Args:
+        logits: (B, H, Cq, Nk).
+        v: (B, H, Nk, Dv) in the same dtype.
+        keep: optional bool mask (B, H, Cq, Nk).
+
+    Returns:
+        o (B, H, Cq, Dv) and lse (B, H, Cq); rows with no kept key give o = 0, lse = -inf.
+    """
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(logits - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v) / denom.clamp_min(torch.finfo(p.dtype).tiny)
+    return out, (row_max + torch.log(denom)).squeeze(-1)
