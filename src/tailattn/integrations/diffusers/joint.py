@@ -26,7 +26,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..._checks import accumulation_dtype
-from ...reference import full_attention, merge_tokens
+from ...parts import merge_tokens, softmax_part
+from ...reference import iter_logits
 
 SparsePart = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]
@@ -96,26 +97,19 @@ def _video_to_text(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of video queries over the valid text keys: out (B, Nv, H, D) and lse
     (B, Nv, H) in the accumulation dtype (float64 for float64 inputs, else float32); a batch
-    element without valid text keys gets out 0 and lse -inf."""
-    b, nv, h, _ = q_video.shape
+    element without valid text keys gets out 0 and lse -inf. Streamed over query chunks, with
+    the key mask inside the softmax: nothing synchronizes with the device."""
     acc = accumulation_dtype(q_video.dtype)
-    if valid is None:
-        out, lse = full_attention(q_video, k_text, v_text, return_lse=True, layout="bnhd")
-        return out.to(acc), lse.transpose(1, 2).to(acc)
-    out = q_video.new_zeros((b, nv, h, v_text.shape[-1]), dtype=acc)
-    lse = q_video.new_full((b, nv, h), float("-inf"), dtype=acc)
-    for i in range(b):
-        keys = valid[i]
-        if bool(keys.any()):
-            o_i, lse_i = full_attention(
-                q_video[i : i + 1],
-                k_text[i : i + 1, keys],
-                v_text[i : i + 1, keys],
-                return_lse=True,
-                layout="bnhd",
-            )
-            out[i], lse[i] = o_i[0], lse_i[0].transpose(0, 1)
-    return out, lse
+    q, k, v = (x.transpose(1, 2) for x in (q_video, k_text, v_text))  # (B, H, N, D)
+    scale = q.shape[-1] ** -0.5
+    out = q.new_empty((*q.shape[:3], v.shape[-1]), dtype=acc)
+    lse = q.new_empty(q.shape[:3], dtype=acc)
+    keep = None if valid is None else valid[:, None, None, :]
+    v_acc = v.to(acc)
+    for rows, z in iter_logits(q, k, scale, acc):
+        mask = None if keep is None else keep.expand_as(z)
+        out[:, :, rows], lse[:, :, rows] = softmax_part(z, v_acc, mask)
+    return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 def joint_attention(
@@ -141,8 +135,14 @@ def joint_attention(
         (B, N, H, D) in the model's token order and q's dtype.
     """
     keys = key_mask(mask, k.shape[1], k.shape[0])
-    if keys is not None and not bool(order.video(keys).all()):
-        raise ValueError("attention_mask masks video keys; tailattn supports masked text keys only")
+    if keys is not None:
+        video_keys = order.video(keys).all()
+        why = "attention_mask masks video keys; tailattn supports masked text keys only"
+        if keys.device.type == "cpu":
+            if not bool(video_keys):
+                raise ValueError(why)
+        else:  # a device-side assertion: checked without stopping the host (no sync)
+            torch._assert_async(video_keys, why)
     if order.n_text == 0:
         out, _ = sparse(q, k, v, False)
         return out.to(q.dtype)
