@@ -9,7 +9,13 @@ triton = pytest.importorskip("triton")
 
 import tailattn  # noqa: E402
 from tailattn.contract import KernelTail  # noqa: E402
-from tailattn.layout import BlockLayout  # noqa: E402
+from tailattn.kernels import skipping  # noqa: E402
+from tailattn.kernels.skipping import (  # noqa: E402
+    BlasstRule,
+    RecallRule,
+    skipping_attention,
+    unsupported_reason,
+)
 from tailattn.reference import block_attention  # noqa: E402
 from tailattn.select import dynamic  # noqa: E402
 from tailattn.tails import BlockDrop, BlockUTA, PooledBlocks  # noqa: E402
@@ -22,14 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if CUDA else "cpu"
-
-from tailattn.kernels import skipping  # noqa: E402
-from tailattn.kernels.skipping import (  # noqa: E402
-    BlasstRule,
-    RecallRule,
-    skipping_attention,
-    unsupported_reason,
-)
 
 BLOCK_TAILS = {
     KernelTail.DROP: BlockDrop(),
@@ -46,17 +44,12 @@ def on_device(*xs, dtype=torch.float32):
     return tuple(x.to(DEVICE, dtype) for x in xs)
 
 
-def kernel_layout(result, n_q):
-    """The tiles whose P.V ran, as a layout for the reference executor (64-token tiles)."""
-    return BlockLayout.from_dense(result.fate.cpu() == 2, n_q, result.n_k, 64, 64)
-
-
 def reference_over_own_tiles(q, k, v, result, tail):
     """Exact attention (float64) over the kernel's computed tiles plus the matching block tail."""
-    q, k, v = (x.double().cpu() for x in (q, k, v))
-    layout = kernel_layout(result, q.shape[2])
+    q, k, v = (x.double() for x in (q, k, v))
+    layout = result.layout()
     out, lse, _ = block_attention(q, k, v, layout, BLOCK_TAILS[tail], q.shape[-1] ** -0.5)
-    return out, lse
+    return out.cpu(), lse.cpu()
 
 
 def rel(a, b):
@@ -104,6 +97,17 @@ def test_decisions_equal_the_reference_loop(rule, data):
     walked = loop.walk(q, k, v, q.shape[-1] ** -0.5)
     assert torch.equal(result.fate, walked.fate)
     assert bool((result.fate != 2).any())
+
+
+def test_query_and_key_tiles_of_different_sizes():
+    q, k, v = on_device(*tiled_qkv(n=300, d=64, seed=8, focus=1.0))
+    rule, loop = RecallRule(recall=0.9), dynamic.Recall(recall=0.9, block_q=128, block_k=64)
+    result = skipping_attention(q, k, v, rule, tail=KernelTail.BLOCKS, block_q=128, block_k=64)
+    assert torch.equal(result.fate, loop.walk(q, k, v, 64**-0.5).fate)
+    want, want_lse = reference_over_own_tiles(q, k, v, result, KernelTail.BLOCKS)
+    assert rel(result.out, want) < 2e-5
+    assert float((result.lse.double().cpu() - want_lse).abs().max()) < 2e-5
+    assert torch.equal(result.layout().to_dense(), result.fate == 2)
 
 
 @pytest.mark.parametrize("r", [0.9, 0.95, 0.99])

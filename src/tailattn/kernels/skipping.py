@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .._checks import check_fraction
 from ..contract import KernelTail
-from ..layout import block_sizes
+from ..layout import BlockLayout, block_sizes
 from ..select.blocks import pooled_logits
 from .attention import LOG2E, TAIL_BLOCKS, TAIL_CODES, TAIL_UTA, _dot, interpreting
 from .pooling import block_sums
@@ -123,6 +123,69 @@ def _pooled_token(
 
 
 @triton.jit
+def _qk_tile(
+    q, k_tile, v_tile, ksum_row, vsum_row, kbar_row, vbar_row, fate, skn, svn,
+    i, start, n_j, N_K, share, log2_lam, scale_log2,
+    m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept, offs_n, offs_d, offs_dv, row_ok,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RULE: tl.constexpr, TAIL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A tile whose QK runs: the after-QK test ((S3) or blasst's), then skip or fold it in.
+
+    Returns the running state (m, l, tm, sigma, acc, kept key sum, kept value sum, kept count).
+    """
+    cols = start + offs_n
+    k = tl.load(
+        k_tile + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
+        mask=cols[None, :] < N_K,
+        other=0.0,
+    )
+    s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+    s = s * scale_log2
+    if start + BLOCK_N > N_K:  # only the ragged last tile pays for the mask
+        s = tl.where(cols[None, :] < N_K, s, float("-inf"))
+    tile_max = tl.max(s, axis=1)
+    m_new = tl.maximum(m_i, tile_max)
+    if RULE == RULE_RECALL:
+        p = tl.math.exp2(s - m_new[:, None])
+        p_sum = tl.sum(p, axis=1)
+        mass = p_sum * tl.math.exp2(m_new - m_i)  # the tile's exact mass in the scale of m
+        skip = (i > 0) & _everyone(mass < share, row_ok)
+    else:
+        skip = (i > 0) & _everyone(tile_max < m_i + log2_lam, row_ok)
+    if skip:
+        if RULE == RULE_RECALL:
+            sigma += mass
+        if TAIL == TAIL_BLOCKS:
+            tm_i, acc = _pooled_token(
+                q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
+                BLOCK_M, PRECISION, UPCAST,
+            )  # fmt: skip
+        tl.store(fate, _NO_PV)
+    else:
+        if RULE == RULE_BLASST:  # the exponentials only for the tiles blasst keeps
+            p = tl.math.exp2(s - m_new[:, None])
+            p_sum = tl.sum(p, axis=1)
+        v = tl.load(
+            v_tile + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
+            mask=cols[:, None] < N_K,
+            other=0.0,
+        )
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + p_sum
+        tm_i = tm_i * alpha
+        sigma = sigma * alpha
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+        if TAIL == TAIL_UTA:
+            k_kept += tl.load(ksum_row + offs_d)
+            v_kept += tl.load(vsum_row + offs_dv)
+            n_kept += n_j
+        tl.store(fate, _COMPUTED)
+    return m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept
+
+
+@triton.jit
 def _skipping_fwd(
     Q, K, V, Out, Lse, Fate, Ratio, Order,
     KBar, Rad, KSum, VSum, KTot, VTot, VBar,
@@ -149,11 +212,9 @@ def _skipping_fwd(
         other=0.0,
     )
     q_norm = tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1))
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_tile = K + b * skb + h * skh
+    v_tile = V + b * svb + h * svh
     tile_row = (bh64 * M_Q + pid_m) * M_K  # this query tile's row of Order and Fate
-    kbar_base = KBar + bh64 * M_K * HEAD_D
-    vbar_base = VBar + bh64 * M_K * HEAD_DV
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # kept (exact) mass
@@ -168,76 +229,37 @@ def _skipping_fwd(
         j = tl.load(Order + tile_row + i) if RULE == RULE_RECALL else i
         start = j * BLOCK_N
         n_j = tl.minimum(BLOCK_N, N_K - start)
-        kbar_row = kbar_base + j * HEAD_D
-        vbar_row = vbar_base + j * HEAD_DV
-
-        # (S1), (S2): the a priori test, before any K load
-        skip_unseen = False
+        tile = bh64 * M_K + j  # row of the per-tile statistics
+        kbar_row = KBar + tile * HEAD_D
+        vbar_row = VBar + tile * HEAD_DV
+        share = (recall_coef * l_i - sigma) / (M_K - i).to(tl.float32) * (1.0 - safety)  # (S1)
         if RULE == RULE_RECALL:
-            share = (recall_coef * l_i - sigma) / (M_K - i).to(tl.float32) * (1.0 - safety)
-            radius = tl.load(Rad + bh64 * M_K + j)
+            # (S2): the a priori test, before any K load
             q_kbar = _row_dot(q, tl.load(kbar_row + offs_d), BLOCK_M, PRECISION, UPCAST)
-            upper = (q_kbar + q_norm * radius) * scale_log2
+            upper = (q_kbar + q_norm * tl.load(Rad + tile)) * scale_log2
             bound = n_j.to(tl.float32) * tl.math.exp2(upper - m_i)
-            skip_unseen = (i > 0) & _everyone(bound < share, row_ok)
-        if skip_unseen:
-            sigma += bound
-            if TAIL == TAIL_BLOCKS:
-                tm_i, acc = _pooled_token(
-                    q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
-                    BLOCK_M, PRECISION, UPCAST,
-                )  # fmt: skip
-            tl.store(Fate + tile_row + j, _UNSEEN)
-        else:
-            cols = start + offs_n
-            k = tl.load(
-                k_base + cols[None, :].to(tl.int64) * skn + offs_d[:, None],
-                mask=cols[None, :] < N_K,
-                other=0.0,
-            )
-            s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-            s = s * scale_log2
-            if start + BLOCK_N > N_K:  # only the ragged last tile pays for the mask
-                s = tl.where(cols[None, :] < N_K, s, float("-inf"))
-            tile_max = tl.max(s, axis=1)
-            m_new = tl.maximum(m_i, tile_max)
-            # (S3) or the blasst test, after the QK
-            if RULE == RULE_RECALL:
-                p = tl.math.exp2(s - m_new[:, None])
-                p_sum = tl.sum(p, axis=1)
-                mass = p_sum * tl.math.exp2(m_new - m_i)
-                skip_seen = (i > 0) & _everyone(mass < share, row_ok)
-            else:
-                skip_seen = (i > 0) & _everyone(tile_max < m_i + log2_lam, row_ok)
-            if skip_seen:
-                if RULE == RULE_RECALL:
-                    sigma += mass
+            if (i > 0) & _everyone(bound < share, row_ok):
+                sigma += bound
                 if TAIL == TAIL_BLOCKS:
                     tm_i, acc = _pooled_token(
                         q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
                         BLOCK_M, PRECISION, UPCAST,
                     )  # fmt: skip
-                tl.store(Fate + tile_row + j, _NO_PV)
+                tl.store(Fate + tile_row + j, _UNSEEN)
             else:
-                if RULE == RULE_BLASST:
-                    p = tl.math.exp2(s - m_new[:, None])
-                    p_sum = tl.sum(p, axis=1)
-                v = tl.load(
-                    v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :],
-                    mask=cols[:, None] < N_K,
-                    other=0.0,
-                )
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + p_sum
-                tm_i = tm_i * alpha
-                sigma = sigma * alpha
-                acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-                m_i = m_new
-                if TAIL == TAIL_UTA:
-                    k_kept += tl.load(KSum + (bh64 * M_K + j) * HEAD_D + offs_d)
-                    v_kept += tl.load(VSum + (bh64 * M_K + j) * HEAD_DV + offs_dv)
-                    n_kept += n_j
-                tl.store(Fate + tile_row + j, _COMPUTED)
+                m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept = _qk_tile(
+                    q, k_tile, v_tile, KSum + tile * HEAD_D, VSum + tile * HEAD_DV, kbar_row,
+                    vbar_row, Fate + tile_row + j, skn, svn, i, start, n_j, N_K, share, log2_lam,
+                    scale_log2, m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept, offs_n,
+                    offs_d, offs_dv, row_ok, BLOCK_M, BLOCK_N, RULE, TAIL, PRECISION, UPCAST,
+                )  # fmt: skip
+        else:
+            m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept = _qk_tile(
+                q, k_tile, v_tile, KSum + tile * HEAD_D, VSum + tile * HEAD_DV, kbar_row,
+                vbar_row, Fate + tile_row + j, skn, svn, i, start, n_j, N_K, share, log2_lam,
+                scale_log2, m_i, l_i, tm_i, sigma, acc, k_kept, v_kept, n_kept, offs_n,
+                offs_d, offs_dv, row_ok, BLOCK_M, BLOCK_N, RULE, TAIL, PRECISION, UPCAST,
+            )  # fmt: skip
 
     if RULE == RULE_RECALL:
         tl.store(Ratio + bh64 * N_Q + offs_m, sigma / l_i, mask=row_ok)
@@ -350,7 +372,7 @@ class SkipResult:
         fate: (B, H, Mq, Mk) int8: 0 skipped before QK, 1 skipped after QK, 2 computed.
         skipped_ratio: (B, H, Nq) float32 sigma / l for ``recall`` (the guaranteed recall
             bound is 1 / (1 + ratio)), None for ``blasst``.
-        n_k, block_k: the key count and tile size the fates refer to.
+        n_k, block_q, block_k: the key count and the tile sizes the fates refer to.
     """
 
     out: torch.Tensor
@@ -358,7 +380,15 @@ class SkipResult:
     fate: torch.Tensor
     skipped_ratio: torch.Tensor | None
     n_k: int
+    block_q: int
     block_k: int
+
+    def layout(self) -> BlockLayout:
+        """The computed tiles (fate 2) as a layout, without a device sync (every query tile
+        computes its first visited tile, so no row is empty)."""
+        n_q = self.out.shape[2]
+        kept = self.fate == FATE_COMPUTED
+        return BlockLayout.from_dense(kept, n_q, self.n_k, self.block_q, self.block_k, check=False)
 
     def _key_fraction(self, tiles: torch.Tensor) -> torch.Tensor:
         sizes = block_sizes(self.n_k, self.block_k, tiles.device).to(torch.float32)
@@ -533,4 +563,4 @@ def skipping_attention(
         _skipping_fwd_tuned[grid](*args, **meta)
     else:
         _skipping_fwd[grid](*args, **meta, **config)
-    return SkipResult(out, lse, fate, ratio, n_k, block_k)
+    return SkipResult(out, lse, fate, ratio, n_k, block_q, block_k)
