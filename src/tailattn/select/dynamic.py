@@ -1,50 +1,56 @@
 r"""In-loop dynamic skipping: ``blasst`` (fixed threshold) and ``recall`` (fixed recall, ours).
 
-A reference of what a flash-attention kernel does: for every query tile (``block_q`` rows, the
-rows one program owns) it walks the key tiles (``block_k`` keys) keeping a running max m_i, a
-running sum l_i and an accumulator per row. For the next key tile j it computes the logits
-z_ij = s q_i . k_j and the tile max t_i = max_{j in tile} z_ij, then either skips the tile (no
-exp, no V load, no P.V, m, l and acc untouched) or folds it in:
+A reference of what a flash-attention kernel does (:mod:`tailattn.kernels.skipping` is the
+kernel; both make the same decisions): for every query tile (``block_q`` rows, the rows one
+program owns) it walks the key tiles (``block_k`` keys) keeping per row a running max m_i, the
+kept mass l_i and an accumulator. A key tile j is either folded in,
 
-    m'_i = max(m_i, t_i),  l_i <- l_i e^{m_i - m'_i} + sum_j e^{z_ij - m'_i},
-    acc_i <- acc_i e^{m_i - m'_i} + sum_j e^{z_ij - m'_i} v_j.
+    m'_i = max(m_i, t_i),  l_i <- l_i e^{m_i - m'_i} + sum_{k in j} e^{z_ik - m'_i},
+    acc_i <- acc_i e^{m_i - m'_i} + sum_{k in j} e^{z_ik - m'_i} v_k,
 
-The decision is per (query tile, key tile), as in a kernel, and is made for all rows at once:
+(z_ik = s q_i . k_k, t_i = max_{k in j} z_ik), or skipped, leaving m, l and acc untouched. The
+decision is per (query tile, key tile), as in a kernel, made for all rows at once: a tile is
+skipped only when every valid row agrees. Each tile ends with a **fate**: 0 skipped before its
+QK (``FATE_UNSEEN``), 1 skipped after its QK, before the V load and P.V (``FATE_NO_PV``),
+2 computed (``FATE_COMPUTED``).
 
-* ``blasst`` (BLASST): key tiles in memory order, the first never skipped; skip when for every
-  valid row ``t_i < m_i + log(lam)``. Skipped mass is lost. ``lam -> 0`` never skips (full
-  attention).
+* ``blasst`` (BLASST): key tiles in memory order, the first never skipped; QK always computed;
+  skip when for every valid row ``t_i < m_i + log(lam)``. Skipped mass is lost. ``lam -> 0``
+  never skips (full attention).
 * ``recall`` (seed 002's fixed recall; its method text is not public, this design is ours):
   key tiles in descending pooled score ``s qbar . kbar_j + log n_j`` (the query tile's mean
-  query against the key tile's mean key), so that the large mass comes first. Each row keeps a
-  bound sigma_i on the mass it has skipped, in the scale of l_i (rescaled with l when m moves).
-  A tile's mass is at most ``n_j e^{t_i - m_i}`` (its size times its max). The skip budget
-  of a row is ``(1 - r) / r * l_i - sigma_i``, and it is shared evenly over the R tiles not yet
-  visited: skip the tile when for every valid row
+  query against the key tile's mean key), so that the large mass comes first. Each row keeps
+  sigma_i, a bound on the mass it has skipped, in the scale of l_i (rescaled by e^{m - m'}
+  with l). With R tiles not yet visited (this one included) and c = (1 - r) / r, a tile may
+  take the share
 
-      n_j e^{t_i - m_i} <= ((1 - r) / r * l_i - sigma_i) / R,
+      b_i = (c l_i - sigma_i) / R                                                    (1)
 
-  and add the bound to sigma_i. The share keeps the budget for the many small tiles at the end
-  of the order instead of spending it on the first tile that fits (with ``bound="exact"`` on
-  the stand-in Wan data of scripts/seed_methods_report.py, 16-20x lower MSE than spending
-  greedily at the same density, r = 0.8..0.95, 2026-11-28). Either way
-  sigma_i <= (1 - r) / r * l_i: the skipped mass stays within (1 - r) of the running
-  denominator l_i + sigma_i. Since l only grows, the skipped mass S is at most (1 - r) / r
-  times the final kept mass L, hence the achieved recall L / (L + S) >= r: the target is a
-  guarantee, not an estimate, for any input.
-  The max bound is loose (up to n_j times the tile's mass), so ``bound="exact"`` accounts a
-  tile by its exact mass ``sum_j e^{z_ij - m_i}`` instead: the kernel then still computes the
-  tile's exp but skips the V load and P.V (half the FLOPs), and skips far more tiles at the
-  same guarantee.
+  of the remaining budget. Every tile but the first visited is tested twice:
 
-Tails (``+uta``, ``+blocks``, ``+moment``): the skipped tiles of a query tile are its dropped
-key blocks; their pooled tokens join the softmax exactly as for block selections
-(:mod:`tailattn.tails.block`), so a skipped tile's mass is no longer lost.
+  1. before its QK, with the Cauchy-Schwarz bound q.k <= q.kbar_j + |q| rad_j
+     (rad_j = max_{k in j} |k - kbar_j|): the tile's mass is at most
+     ``B_ij = n_j exp(s (q_i . kbar_j + |q_i| rad_j) - m_i)``; skip (fate 0) when
+     ``B_ij < (1 - SAFETY) b_i`` on every valid row, and add B_ij to sigma_i;
+  2. after its QK, with the exact mass ``E_ij = sum_{k in j} e^{z_ik - m_i}``: skip the V load
+     and P.V (fate 1) when ``E_ij < (1 - SAFETY) b_i`` on every valid row, add E_ij to sigma_i;
 
-Info entries (with ``return_info``), per query and per head: ``density`` (computed keys / Nk),
-``recall`` (exact kept mass, against exact logits) and ``recall_bound`` (the loop's own
-guaranteed lower bound ``l / (l + sigma)``); ``target_recall`` for ``recall``; ``layout`` (the
-kept tiles as a :class:`~tailattn.layout.BlockLayout`).
+  otherwise the tile is folded in. Each skip keeps sigma_i < c l_i, and l only grows, so the
+  skipped mass S_i <= sigma_i <= c L_i at the end and the recall L_i / (L_i + S_i) >= r holds
+  for every query row: a guarantee, not an estimate (proof in docs/skipping.md). ``SAFETY``
+  keeps it under float32 rounding of the logits. Sharing the budget over the R remaining
+  tiles keeps some of it for the many small tiles at the end of the order instead of spending
+  it on the first tile that fits. ``r = 1`` computes every tile.
+
+Tails (``+uta``, ``+blocks``, ``+moment``): the skipped tiles (fates 0 and 1) of a query tile
+are its dropped key blocks; their pooled tokens join the softmax exactly as for block
+selections (:mod:`tailattn.tails.block`), so a skipped tile's mass is no longer lost.
+
+Info entries (with ``return_info``): ``density`` (fraction of (query, key) pairs whose P.V ran)
+and ``qk_density`` (whose QK ran), ``layout`` (the computed tiles as a
+:class:`~tailattn.layout.BlockLayout`), ``target_recall`` for ``recall``; per query and per
+head: ``recall`` (exact kept mass, against exact logits) and ``recall_bound`` (the loop's own
+guaranteed lower bound ``l / (l + sigma)``).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,19 +72,70 @@ from ..tails.block import BlockDrop, BlockTail, key_block_sums, to_blocks
 from .blocks import check_block_size, pooled_logits
 from .fused import FusedResult
 
+FATE_UNSEEN, FATE_NO_PV, FATE_COMPUTED = 0, 1, 2
+"""A key tile's fate in a query tile: skipped before QK, skipped before P.V, computed."""
+
+SAFETY = 1e-3
+"""Relative margin of the recall test: a tile is skipped when its mass is below
+``(1 - SAFETY)`` times its share, so logits rounded by up to ~1e-3 cannot break the guarantee."""
+
+
+@dataclass(frozen=True)
+class KeyTiles:
+    """Per key tile j: mean key kbar_j (B, H, Mk, D), radius rad_j = max_{k in j} |k - kbar_j|
+    (B, H, Mk) and token count n_j (Mk,), in the keys' dtype."""
+
+    mean: torch.Tensor
+    radius: torch.Tensor
+    sizes: torch.Tensor
+
+
+def key_tiles(k: torch.Tensor, block_k: int) -> KeyTiles:
+    """Mean and radius of every key tile of (B, H, Nk, D) keys (the ragged last one too)."""
+    n_k = k.shape[2]
+    blocks = to_blocks(k, block_k)
+    sizes = block_sizes(n_k, block_k, k.device).to(k.dtype)
+    mean = blocks.sum(dim=3) / sizes.unsqueeze(-1)
+    valid = (torch.arange(blocks.shape[2] * block_k, device=k.device) < n_k).view(-1, block_k)
+    dist = (blocks - mean.unsqueeze(3)).norm(dim=-1).masked_fill(~valid, 0.0)
+    return KeyTiles(mean, dist.amax(dim=-1), sizes)
+
+
+def prior_bound(
+    q_chunk: torch.Tensor,
+    q_norm: torch.Tensor,
+    tiles: KeyTiles,
+    j: torch.Tensor,
+    m: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``B_ij = n_j exp(s (q_i . kbar_j + |q_i| rad_j) - m_i)`` >= the mass of key tile j
+    (Cauchy-Schwarz), without its QK: q_chunk (B, H, c, bq, D), j (B, H, c) -> (B, H, c, bq)."""
+    d = q_chunk.shape[-1]
+    kbar = tiles.mean.gather(2, j.unsqueeze(-1).expand(*j.shape, d))
+    radius = tiles.radius.gather(2, j)
+    dots = torch.matmul(q_chunk, kbar.unsqueeze(-1)).squeeze(-1)
+    upper = scale * (dots + q_norm * radius.unsqueeze(-1))
+    return tiles.sizes[j].unsqueeze(-1) * torch.exp(upper - m)
+
 
 @dataclass(frozen=True)
 class LoopResult:
     """What the tile loop computed, per query tile (B, H, Mq, ...), queries padded to Mq * bq.
 
-    ``out`` (.., bq, Dv) and ``lse`` (.., bq) of the computed tiles, ``kept`` (.., Mk) bool,
-    ``skipped`` (.., bq): the bound sigma on the skipped mass, relative to e^lse.
+    ``out`` (.., bq, Dv) and ``lse`` (.., bq) of the computed tiles, ``fate`` (.., Mk) int8
+    (``FATE_*``), ``skipped`` (.., bq): the bound sigma on the skipped mass, relative to e^lse.
     """
 
     out: torch.Tensor
     lse: torch.Tensor
-    kept: torch.Tensor
+    fate: torch.Tensor
     skipped: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(B, H, Mq, Mk) bool: the tiles whose P.V ran."""
+        return self.fate == FATE_COMPUTED
 
 
 class TileLoop(abc.ABC):
@@ -86,27 +143,31 @@ class TileLoop(abc.ABC):
 
     block_q: int
     block_k: int
-
-    @property
-    def exact_mass(self) -> bool:
-        """Account a skipped tile by its exact mass (exp computed) instead of the max bound."""
-        return False
+    tests_before_qk: ClassVar[bool] = False
+    """Whether the rule tests a tile before its QK (then :meth:`skip_unseen` is called)."""
 
     @abc.abstractmethod
     def order(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Visiting order of the key tiles per query tile, (B, H, Mq, Mk) int64."""
 
+    def skip_unseen(
+        self, bound: torch.Tensor, lsum: torch.Tensor, sigma: torch.Tensor, remaining: int
+    ) -> torch.Tensor:
+        """Per-row wish (B, H, c, bq) to skip a tile before its QK, from a bound of its mass."""
+        return torch.zeros_like(bound, dtype=torch.bool)
+
     @abc.abstractmethod
-    def skip(
+    def skip_seen(
         self,
         tile_max: torch.Tensor,
+        mass: torch.Tensor,
         m: torch.Tensor,
         lsum: torch.Tensor,
         sigma: torch.Tensor,
-        bound: torch.Tensor,
         remaining: int,
     ) -> torch.Tensor:
-        """Per-row skip wish (B, H, c, bq) bool; the tile is skipped when all valid rows agree."""
+        """Per-row wish (B, H, c, bq) to skip a tile after its QK (tile max and exact mass in
+        the scale of m known); the tile is skipped when all valid rows agree."""
 
     def walk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> LoopResult:
         """The loop over key tiles for every query tile (module docstring)."""
@@ -115,51 +176,79 @@ class TileLoop(abc.ABC):
         bq, bk = self.block_q, self.block_k
         mq, mk = num_blocks(n_q, bq), num_blocks(n_k, bk)
         order = self.order(q, k, scale)
+        tiles = key_tiles(k, bk) if self.tests_before_qk else None
         q_blocks, k_blocks, v_blocks = to_blocks(q, bq), to_blocks(k, bk), to_blocks(v, bk)
         row_valid = (torch.arange(mq * bq, device=q.device) < n_q).view(mq, bq)
-        key_valid = (torch.arange(mk * bk, device=q.device) < n_k).view(mk, bk)
-        sizes = block_sizes(n_k, bk, q.device).to(q.dtype)
         out = q.new_empty(b, h, mq, bq, dv)
         lse = q.new_empty(b, h, mq, bq)
-        kept = torch.zeros(b, h, mq, mk, dtype=torch.bool, device=q.device)
+        fate = torch.empty(b, h, mq, mk, dtype=torch.int8, device=q.device)
         skipped = q.new_empty(b, h, mq, bq)
         per_block = b * h * bq * (bk * 3 + d + dv) * q.element_size()
         step = max(1, DEFAULT_CHUNK_BYTES // per_block)
         for start in range(0, mq, step):
             rows = slice(start, min(start + step, mq))
-            qc, rv = q_blocks[:, :, rows], row_valid[rows]
-            c = qc.shape[2]
-            m = qc.new_full((b, h, c, bq), float("-inf"))
-            lsum = qc.new_zeros(b, h, c, bq)
-            sigma = qc.new_zeros(b, h, c, bq)
-            acc = qc.new_zeros(b, h, c, bq, dv)
-            for visit in range(mk):
-                j = order[:, :, rows, visit]  # (B, H, c)
-                kt = k_blocks.gather(2, j[..., None, None].expand(b, h, c, bk, d))
-                vt = v_blocks.gather(2, j[..., None, None].expand(b, h, c, bk, dv))
-                z = scale * qc @ kt.mT
-                z = z.masked_fill(~key_valid[j].unsqueeze(-2), float("-inf"))
-                tile_max = z.amax(dim=-1)
-                shifted = torch.where(torch.isfinite(m), m, tile_max)
-                if self.exact_mass:
-                    bound = torch.exp(z - shifted.unsqueeze(-1)).sum(dim=-1)
-                else:
-                    bound = sizes[j].unsqueeze(-1) * torch.exp(tile_max - shifted)
-                wish = self.skip(tile_max, m, lsum, sigma, bound, mk - visit) | ~rv
-                drop = wish.all(dim=-1) if visit else torch.zeros_like(wish[..., 0])
-                new_m = torch.maximum(m, tile_max)
-                alpha = torch.exp(m - new_m)
-                p = torch.exp(z - new_m.unsqueeze(-1))
-                keep_rows = ~drop.unsqueeze(-1)
-                lsum = torch.where(keep_rows, lsum * alpha + p.sum(dim=-1), lsum)
-                acc = torch.where(keep_rows.unsqueeze(-1), acc * alpha.unsqueeze(-1) + p @ vt, acc)
-                sigma = torch.where(keep_rows, sigma * alpha, sigma + bound)
-                m = torch.where(keep_rows, new_m, m)
-                kept[:, :, rows].scatter_(-1, j.unsqueeze(-1), (~drop).unsqueeze(-1))
-            out[:, :, rows] = acc / lsum.unsqueeze(-1)
-            lse[:, :, rows] = m + torch.log(lsum)
-            skipped[:, :, rows] = sigma / lsum
-        return LoopResult(out, lse, kept, skipped)
+            chunk = self._walk_chunk(
+                q_blocks[:, :, rows], row_valid[rows], order[:, :, rows], k_blocks, v_blocks,
+                tiles, n_k, scale,
+            )  # fmt: skip
+            out[:, :, rows], lse[:, :, rows] = chunk.out, chunk.lse
+            fate[:, :, rows], skipped[:, :, rows] = chunk.fate, chunk.skipped
+        return LoopResult(out, lse, fate, skipped)
+
+    def _walk_chunk(
+        self,
+        qc: torch.Tensor,
+        row_valid: torch.Tensor,
+        order: torch.Tensor,
+        k_blocks: torch.Tensor,
+        v_blocks: torch.Tensor,
+        tiles: KeyTiles | None,
+        n_k: int,
+        scale: float,
+    ) -> LoopResult:
+        """The walk of a chunk of c query tiles qc (B, H, c, bq, D), one visit at a time."""
+        b, h, c, bq, d = qc.shape
+        mk, bk, dv = k_blocks.shape[2], k_blocks.shape[3], v_blocks.shape[-1]
+        key_valid = (torch.arange(mk * bk, device=qc.device) < n_k).view(mk, bk)
+        q_norm = qc.norm(dim=-1)
+        m = qc.new_full((b, h, c, bq), float("-inf"))
+        lsum, sigma = qc.new_zeros(b, h, c, bq), qc.new_zeros(b, h, c, bq)
+        acc = qc.new_zeros(b, h, c, bq, dv)
+        fate = torch.empty(b, h, c, mk, dtype=torch.int8, device=qc.device)
+        nobody = torch.zeros(b, h, c, dtype=torch.bool, device=qc.device)
+
+        def everyone(wish: torch.Tensor) -> torch.Tensor:
+            return (wish | ~row_valid).all(dim=-1)
+
+        for visit in range(mk):
+            j = order[..., visit]  # (B, H, c)
+            kt = k_blocks.gather(2, j[..., None, None].expand(b, h, c, bk, d))
+            vt = v_blocks.gather(2, j[..., None, None].expand(b, h, c, bk, dv))
+            z = scale * qc @ kt.mT
+            z = z.masked_fill(~key_valid[j].unsqueeze(-2), float("-inf"))
+            tile_max = z.amax(dim=-1)
+            new_m = torch.maximum(m, tile_max)
+            p = torch.exp(z - new_m.unsqueeze(-1))
+            mass = p.sum(dim=-1) * torch.exp(new_m - m)  # the tile's mass in the scale of m
+            remaining = mk - visit
+            unseen, bound = nobody, mass
+            if visit and tiles is not None:
+                bound = prior_bound(qc, q_norm, tiles, j, m, scale)
+                unseen = everyone(self.skip_unseen(bound, lsum, sigma, remaining))
+            seen = nobody
+            if visit:
+                wish = self.skip_seen(tile_max, mass, m, lsum, sigma, remaining)
+                seen = ~unseen & everyone(wish)
+            keep = ~(unseen | seen).unsqueeze(-1)
+            alpha = torch.exp(m - new_m)
+            lsum = torch.where(keep, lsum * alpha + p.sum(dim=-1), lsum)
+            acc = torch.where(keep.unsqueeze(-1), acc * alpha.unsqueeze(-1) + p @ vt, acc)
+            dropped = torch.where(unseen.unsqueeze(-1), bound, mass)
+            sigma = torch.where(keep, sigma * alpha, sigma + dropped)
+            m = torch.where(keep, new_m, m)
+            code = torch.where(unseen, FATE_UNSEEN, torch.where(seen, FATE_NO_PV, FATE_COMPUTED))
+            fate.scatter_(-1, j.unsqueeze(-1), code.to(torch.int8).unsqueeze(-1))
+        return LoopResult(acc / lsum.unsqueeze(-1), m + torch.log(lsum), fate, sigma / lsum)
 
     def layout(
         self,
@@ -224,9 +313,16 @@ class TileLoop(abc.ABC):
             return x.reshape(b, h, -1, *x.shape[4:])[:, :, :n_q]
 
         layout = BlockLayout.from_dense(loop.kept, n_q, n_k, self.block_q, self.block_k)
+        seen = BlockLayout.from_dense(
+            loop.fate != FATE_UNSEEN, n_q, n_k, self.block_q, self.block_k
+        )
         kept_keys = loop.kept.to(acc) @ block_sizes(n_k, self.block_k, q.device).to(acc)
         density = (kept_keys / n_k).unsqueeze(-1).expand(b, h, -1, self.block_q)
-        info: dict[str, Any] = {"density": layout.density(), "layout": layout}
+        info: dict[str, Any] = {
+            "density": layout.density(),
+            "qk_density": seen.density(),
+            "layout": layout,
+        }
         stats: dict[str, torch.Tensor] = {}
         if with_stats:
             full_lse = full_attention(qa, ka, va, scale, return_lse=True)[1]
@@ -257,25 +353,24 @@ class Blasst(TileLoop):
         mq, mk = num_blocks(q.shape[2], self.block_q), num_blocks(k.shape[2], self.block_k)
         return torch.arange(mk, device=q.device).expand(b, h, mq, mk)
 
-    def skip(self, tile_max, m, lsum, sigma, bound, remaining) -> torch.Tensor:
+    def skip_seen(self, tile_max, mass, m, lsum, sigma, remaining) -> torch.Tensor:
         return tile_max < m + math.log(self.lam)
 
 
 @registry.selection("recall", granularity="fused", summary="skip tiles while recall >= r holds")
 @dataclass(frozen=True)
 class Recall(TileLoop):
-    """Fixed recall (ours): skip tiles, largest pooled score first, while the skipped mass
-    stays within (1 - recall) of the running denominator."""
+    """Fixed recall (ours): visit tiles by pooled score and skip one, before its QK from the
+    Cauchy-Schwarz bound or after it from its exact mass, while it fits its share (1) of the
+    budget; the recall of every query row stays >= ``recall``."""
 
     recall: float = 0.95
-    bound: str = "max"
     block_q: int = 128
     block_k: int = 128
+    tests_before_qk: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_fraction(self.recall, "recall")
-        if self.bound not in ("max", "exact"):
-            raise ValueError(f"bound must be 'max' or 'exact', got {self.bound!r}")
         check_block_size(self.block_q, "block_q")
         check_block_size(self.block_k, "block_k")
 
@@ -283,13 +378,18 @@ class Recall(TileLoop):
         scores = pooled_logits(q, k, scale, self.block_q, self.block_k)
         return scores.argsort(dim=-1, descending=True, stable=True)
 
-    @property
-    def exact_mass(self) -> bool:
-        return self.bound == "exact"
+    def fits(
+        self, mass: torch.Tensor, lsum: torch.Tensor, sigma: torch.Tensor, remaining: int
+    ) -> torch.Tensor:
+        """``mass < (1 - SAFETY) b`` with the share b of Eq. (1)."""
+        share = ((1.0 - self.recall) / self.recall * lsum - sigma) / remaining
+        return mass < share * (1.0 - SAFETY)
 
-    def skip(self, tile_max, m, lsum, sigma, bound, remaining) -> torch.Tensor:
-        budget = (1.0 - self.recall) / self.recall * lsum - sigma
-        return bound <= budget / remaining
+    def skip_unseen(self, bound, lsum, sigma, remaining) -> torch.Tensor:
+        return self.fits(bound, lsum, sigma, remaining)
+
+    def skip_seen(self, tile_max, mass, m, lsum, sigma, remaining) -> torch.Tensor:
+        return self.fits(mass, lsum, sigma, remaining)
 
     def attend(self, q, k, v, tail, **kwargs: Any) -> FusedResult:
         result = super().attend(q, k, v, tail, **kwargs)
