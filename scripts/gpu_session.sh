@@ -3,10 +3,10 @@
 #
 #   bash scripts/gpu_session.sh STAGE...      (run from the repository root on the GPU machine)
 #
-# Stages: env (versions), tests (the suite on the GPU: kernels for real, sync-freedom, CUDA
-# graphs), calls (per-call table of the working tree; calls-old: the same for an older checkout
-# unpacked in .old/src), e2e-small (Wan2.1-1.3B and the HunyuanVideo-sized model, eager and
-# compiled), e2e-14b (Wan2.1-14B 720p). Wheels in .whl (diffusers for the GPU image) are
+# Stages: env (versions), tests (the GPU test files: kernels for real, sync-freedom, CUDA
+# graphs), suite (every test), skip (in-loop skipping on synthetic attention), calls (per-call
+# table; calls-old: the same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B
+# and the HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p). Wheels in .whl (diffusers for the GPU image) are
 # installed first when present. Every stage appends to $OUT/log.txt.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -25,20 +25,33 @@ for stage in "$@"; do
       python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__, torch.cuda.get_device_name())" 2>&1 | log
       ;;
     tests)
-      python3 -m pytest -q -p no:cacheprovider --maxfail=30 -x tests/test_gpu_fast_path.py 2>&1 | tail -40 | log
-      python3 -m pytest -q -p no:cacheprovider --maxfail=30 -n 8 tests 2>&1 | tail -40 | log
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu_fast_path.py \
+        tests/test_svg2.py tests/test_skipping_kernel.py tests/test_kernels.py \
+        tests/test_kmeans_kernel.py 2>&1 | tail -60 | log
+      ;;
+    suite)
+      timeout 420 python3 -m pytest -q -p no:cacheprovider --maxfail=30 tests 2>&1 | tail -40 | log
+      ;;
+    skip)
+      timeout 240 python3 -m tailattn.bench.skipping --json "$OUT/skip_synthetic.json" 2>&1 | log
       ;;
     calls)
-      python3 -m tailattn.bench.calls --json "$OUT/calls_new.json" 2>&1 | log
+      timeout 240 python3 -m tailattn.bench.calls --json "$OUT/calls_new.json" 2>&1 | log
       ;;
     calls-old)
-      PYTHONPATH=$PWD/.old/src:/tmp/site python3 src/tailattn/bench/calls.py --json "$OUT/calls_old.json" 2>&1 | log
+      PYTHONPATH=$PWD/.old/src:/tmp/site timeout 240 python3 src/tailattn/bench/calls.py \
+        --json "$OUT/calls_old.json" 2>&1 | log
       ;;
-    e2e-small)
-      python3 -m tailattn.bench.e2e --models wan-1.3b-480p,hunyuan-544p --json "$OUT/e2e_small.json" 2>&1 | log
+    e2e-eager)
+      timeout 300 python3 -m tailattn.bench.e2e --models wan-1.3b-480p,hunyuan-544p --modes eager \
+        --json "$OUT/e2e_eager.json" 2>&1 | log
+      ;;
+    e2e-compiled)
+      timeout 400 python3 -m tailattn.bench.e2e --models wan-1.3b-480p --modes compiled \
+        --json "$OUT/e2e_compiled.json" 2>&1 | log
       ;;
     e2e-14b)
-      python3 -m tailattn.bench.e2e --models wan-14b-720p --reps 2 \
+      timeout 480 python3 -m tailattn.bench.e2e --models wan-14b-720p --reps 2 --modes eager \
         --methods "block-topk+drop@0.1;block-topk+uta@0.1;block-topk+uta@0.2;radial+uta@0.1;svg2+uta@0.1;rectified" \
         --json "$OUT/e2e_14b.json" 2>&1 | log
       ;;

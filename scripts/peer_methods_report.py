@@ -120,10 +120,6 @@ def loop_curves(q, k, v, scale, rows: torch.Tensor) -> list[dict[str, object]]:
             for lam in (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.6)
         ),
         *((f"recall(recall={r:g})", "recall", lambda r=r: {"recall": r}) for r in recalls),
-        *(
-            (f"recall(recall={r:g}, bound=exact)", "recall(bound=exact)", lambda r=r: {"recall": r})
-            for r in recalls
-        ),
     ]
     for label, name, params in grid:
         for tail in ("",):  # the tails are measured in the study; here the skipping itself
@@ -178,10 +174,8 @@ def plot(points: list[dict[str, object]], path: Path) -> None:
     styles = {
         "blasst": "o-",
         "recall": "s-",
-        "recall(bound=exact)": "^-",
         "blasst+uta": "o--",
         "recall+uta": "s--",
-        "recall(bound=exact)+uta": "^--",
     }
     for family, style in styles.items():
         pts = sorted((p["density"], p["mse"]) for p in points if p["family"] == family)

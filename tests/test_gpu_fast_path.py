@@ -23,6 +23,8 @@ FAST = [
     ("svg2+uta", 0.25),  # budget mode
     ("svg2+uta", None),  # SVG2's own top-p mode
     ("rectified", None),
+    ("blasst+uta", None),
+    ("recall+uta", None),
 ]
 
 

@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
+import tailattn
+
 triton = pytest.importorskip("triton")
 
-import tailattn  # noqa: E402
 from tailattn.contract import KernelTail  # noqa: E402
 from tailattn.kernels import skipping  # noqa: E402
 from tailattn.kernels.skipping import (  # noqa: E402
@@ -201,3 +202,17 @@ def test_no_host_device_sync():
             skipping_attention(q, k, v, rule, **call)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "spec", ["blasst(lam=0.01)+uta", "recall(recall=0.9)+blocks", "recall+moment"]
+)
+def test_attention_runs_the_kernel_with_the_same_decisions_as_the_reference(spec):
+    q, k, v = (x.float() for x in tiled_qkv(n=300, d=32, tile=64))
+    kw = dict(block_q=64, block_k=64, return_info=True)
+    ref, ref_info = tailattn.attention(q, k, v, spec, backend="reference", **kw)
+    out, info = tailattn.attention(q, k, v, spec, backend="triton", **kw)
+    assert torch.equal(info["layout"].to_dense(), ref_info["layout"].to_dense())
+    assert info["density"] == pytest.approx(ref_info["density"])
+    assert info["qk_density"] == pytest.approx(ref_info["qk_density"])
+    assert float((out - ref).abs().max()) < 1e-4

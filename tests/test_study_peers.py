@@ -19,7 +19,7 @@ SPECS = [
     f"rectified({B32}, drop_rate=0.9, curve=gilbert)",
     f"blasst({B32}, lam=0.3)",
     f"blasst({B32}, lam=0.3)+uta",
-    f"recall({B32}, bound=exact, recall=0.9)+blocks",
+    f"recall({B32}, recall=0.9)+blocks",
     f"recall({B32}, recall=0.8)",
 ]
 

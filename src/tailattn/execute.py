@@ -23,6 +23,7 @@ bad. Under ``torch.compile`` the check is skipped (a data-dependent branch break
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib.util import find_spec
 from typing import Any
 
@@ -61,26 +62,35 @@ def _no_kernel(bound: BoundMethod, backend: str | None) -> None:
         )
 
 
-def kernel_unsupported(q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> str | None:
-    """Why the fused block-sparse kernel cannot run these inputs (``None`` when it can)."""
-    if find_spec("triton") is None:
-        return "Triton is not installed"
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"the inputs are on {q.device.type}, not CUDA"
-    from .kernels import unsupported_reason
-
-    return unsupported_reason(q, v, layout)
-
-
-def use_kernel(backend: str | None, q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
-    """Whether a block layout runs on the Triton kernel: always with ``backend="triton"`` (an
-    error when it cannot), on CUDA by default, never with ``backend="reference"``."""
+def choose_kernel(
+    backend: str | None, q: torch.Tensor, unsupported: Callable[[], str | None]
+) -> bool:
+    """Whether to run a Triton kernel: always with ``backend="triton"`` (an error naming the
+    reason when it cannot), on CUDA by default, never with ``backend="reference"``.
+    ``unsupported()`` says why the kernel cannot take these inputs (``None`` when it can)."""
     if backend == "reference":
         return False
-    reason = kernel_unsupported(q, v, layout)
+    reason = None
+    if find_spec("triton") is None:
+        reason = "Triton is not installed"
+    elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"the inputs are on {q.device.type}, not CUDA"
+    else:
+        reason = unsupported()
     if reason is not None and backend == "triton":
         raise ValueError(f"backend='triton' cannot run: {reason}")
     return reason is None and (backend == "triton" or q.device.type == "cuda")
+
+
+def use_kernel(backend: str | None, q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
+    """:func:`choose_kernel` for the fused block-sparse kernel and a block layout."""
+
+    def unsupported() -> str | None:
+        from .kernels import unsupported_reason
+
+        return unsupported_reason(q, v, layout)
+
+    return choose_kernel(backend, q, unsupported)
 
 
 @registry.runner(Granularity.DENSE)

@@ -32,9 +32,8 @@ def num_blocks(n: int, block: int) -> int:
 
 def block_sizes(n: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Token count of each block, (ceil(n / block),) int64; the last one may be smaller."""
-    sizes = torch.full((num_blocks(n, block),), block, dtype=torch.int64, device=device)
-    sizes[-1] = n - block * (sizes.numel() - 1)
-    return sizes
+    starts = torch.arange(0, n, block, dtype=torch.int64, device=device)
+    return (n - starts).clamp_(max=block)  # no host value written into a device tensor: no sync
 
 
 def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

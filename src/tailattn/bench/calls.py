@@ -37,6 +37,9 @@ CALL_METHODS: tuple[tuple[str, float | None], ...] = (
     ("svg2+uta", 0.1),
     ("svg2+uta", 0.2),
     ("rectified", None),
+    ("block-topk+drop", 0.32),  # about rectified's density
+    ("blasst+uta", None),
+    ("recall+uta", None),
 )
 """(spec, keep) timed by default; keep None: the method's own budget."""
 

@@ -172,6 +172,8 @@ E2E_METHODS: tuple[tuple[str, float | None], ...] = (
     ("svg2+uta", 0.1),
     ("svg2+uta", 0.2),
     ("rectified", None),
+    ("blasst+uta", None),
+    ("recall+uta", None),
 )
 
 

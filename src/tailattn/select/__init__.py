@@ -3,7 +3,6 @@
 from .blocks import BlockTopK, BlockTopP, pool_blocks, pooled_logits, pooled_scores
 from .dfs import DFS, DFSState, tile_block_scores
 from .dynamic import Blasst, Recall
-from .fused import FusedResult
 from .oracle import Full, Threshold, TopK, TopP
 from .rectified import Rectified, neighbour_blocks
 from .static import Radial, Window, radial_block_mask, window_block_mask
@@ -17,7 +16,6 @@ __all__ = [
     "BlockTopP",
     "DFSState",
     "Full",
-    "FusedResult",
     "Radial",
     "Recall",
     "Rectified",

@@ -17,7 +17,8 @@ QK (``FATE_UNSEEN``), 1 skipped after its QK, before the V load and P.V (``FATE_
 * ``blasst`` (BLASST): key tiles in memory order, the first never skipped; QK always computed;
   skip when for every valid row ``t_i < m_i + log(lam)``. Skipped mass is lost. ``lam -> 0``
   never skips (full attention).
-* ``recall`` (seed 002's fixed recall; its method text is not public, this design is ours):
+* ``recall`` (the fixed-recall dynamic threshold; its method text is not public, this design
+  is ours):
   key tiles in descending pooled score ``s qbar . kbar_j + log n_j`` (the query tile's mean
   query against the key tile's mean key), so that the large mass comes first. Each row keeps
   sigma_i, a bound on the mass it has skipped, in the scale of l_i (rescaled by e^{m - m'}
@@ -46,11 +47,14 @@ Tails (``+uta``, ``+blocks``, ``+moment``): the skipped tiles (fates 0 and 1) of
 are its dropped key blocks; their pooled tokens join the softmax exactly as for block
 selections (:mod:`tailattn.tails.block`), so a skipped tile's mass is no longer lost.
 
+On CUDA the loop runs on the Triton kernel (:mod:`tailattn.kernels.skipping`, same decisions);
+this reference runs everywhere else and with ``backend="reference"``.
+
 Info entries (with ``return_info``): ``density`` (fraction of (query, key) pairs whose P.V ran)
 and ``qk_density`` (whose QK ran), ``layout`` (the computed tiles as a
 :class:`~tailattn.layout.BlockLayout`), ``target_recall`` for ``recall``; per query and per
-head: ``recall`` (exact kept mass, against exact logits) and ``recall_bound`` (the loop's own
-guaranteed lower bound ``l / (l + sigma)``).
+head: ``recall_bound`` (the loop's own guaranteed lower bound ``l / (l + sigma)``, ``recall``
+only) and, on the reference path, ``recall`` (exact kept mass, against exact logits).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import accumulation_dtype, check_fraction, check_positive
+from ..contract import Result
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
 from ..parts import merge_tokens
@@ -70,7 +75,6 @@ from ..reference.full import full_attention
 from ..reference.streaming import DEFAULT_CHUNK_BYTES
 from ..tails.block import BlockDrop, BlockTail, key_block_sums, to_blocks
 from .blocks import check_block_size, pooled_logits
-from .fused import FusedResult
 
 FATE_UNSEEN, FATE_NO_PV, FATE_COMPUTED = 0, 1, 2
 """A key tile's fate in a query tile: skipped before QK, skipped before P.V, computed."""
@@ -277,6 +281,10 @@ class TileLoop(abc.ABC):
         kept[:, :, query_blocks.to(torch.int64)] = part.cpu()
         return BlockLayout.from_dense(kept.to(q.device), n_q, n_k, bq, self.block_k)
 
+    @abc.abstractmethod
+    def rule(self) -> Any:
+        """The skip rule of the Triton kernel (:mod:`tailattn.kernels.skipping`)."""
+
     def attend(
         self,
         q: torch.Tensor,
@@ -289,12 +297,72 @@ class TileLoop(abc.ABC):
         state: Any = None,
         with_stats: bool = False,
         backend: str | None = None,
-    ) -> FusedResult:
-        from ..execute import check_values
+    ) -> Result:
+        """The loop on the Triton kernel (CUDA; ``tail.kernel`` inside it, then
+        ``tail.epilogue``) or in the PyTorch reference (any device, with the exact
+        statistics)."""
+        from ..execute import check_values, choose_kernel
 
-        if backend == "triton":
-            raise ValueError(f"backend='triton': {type(self).__name__} has no kernel yet")
+        def unsupported() -> str | None:
+            from ..kernels.skipping import unsupported_reason
+
+            return unsupported_reason(q, v, tail.kernel, self.block_q, self.block_k)
+
+        if choose_kernel(backend, q, unsupported):
+            return self._attend_kernel(q, k, v, tail, scale, with_stats)
         check_values(q, k, v)
+        return self._attend_reference(q, k, v, tail, scale, with_stats)
+
+    def _attend_kernel(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        tail: BlockTail,
+        scale: float,
+        with_stats: bool,
+    ) -> Result:
+        from ..kernels.skipping import skipping_attention
+
+        result = skipping_attention(
+            q,
+            k,
+            v,
+            self.rule(),
+            tail=tail.kernel,
+            scale=scale,
+            block_q=self.block_q,
+            block_k=self.block_k,
+        )
+        layout = result.layout()
+        out, lse = tail.epilogue(q, k, v, layout, result.out, result.lse, scale)
+        if not with_stats:
+            return Result(out, lse)
+        sizes = block_sizes(q.shape[2], self.block_q, q.device).to(torch.float32)
+
+        def weighted(per_tile: torch.Tensor) -> float:
+            """Mean over queries of a per-query-tile fraction (B, H, Mq)."""
+            return float((per_tile @ sizes).mean() / sizes.sum())
+
+        info: dict[str, Any] = {
+            "density": weighted(result.density),
+            "qk_density": weighted(result.qk_density),
+            "layout": layout,
+        }
+        stats = {}
+        if result.skipped_ratio is not None:
+            stats["recall_bound"] = 1.0 / (1.0 + result.skipped_ratio)
+        return Result(out, lse, stats, info)
+
+    def _attend_reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        tail: BlockTail,
+        scale: float,
+        with_stats: bool,
+    ) -> Result:
         acc = accumulation_dtype(q.dtype)
         qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
         b, h, n_q, _ = q.shape
@@ -331,7 +399,7 @@ class TileLoop(abc.ABC):
                 "recall": torch.exp(flat(loop.lse) - full_lse),
                 "recall_bound": 1.0 / (1.0 + flat(loop.skipped)),
             }
-        return FusedResult(flat(out), flat(lse), stats, info)
+        return Result(flat(out), flat(lse), stats, info)
 
 
 @registry.selection("blasst", granularity="fused", summary="skip key tiles below max + log lam")
@@ -345,6 +413,8 @@ class Blasst(TileLoop):
 
     def __post_init__(self) -> None:
         check_positive(self.lam, "lam")
+        if not self.lam < 1:
+            raise ValueError(f"lam must be in (0, 1), got {self.lam}")
         check_block_size(self.block_q, "block_q")
         check_block_size(self.block_k, "block_k")
 
@@ -355,6 +425,11 @@ class Blasst(TileLoop):
 
     def skip_seen(self, tile_max, mass, m, lsum, sigma, remaining) -> torch.Tensor:
         return tile_max < m + math.log(self.lam)
+
+    def rule(self) -> Any:
+        from ..kernels.skipping import BlasstRule
+
+        return BlasstRule(self.lam)
 
 
 @registry.selection("recall", granularity="fused", summary="skip tiles while recall >= r holds")
@@ -391,7 +466,12 @@ class Recall(TileLoop):
     def skip_seen(self, tile_max, mass, m, lsum, sigma, remaining) -> torch.Tensor:
         return self.fits(mass, lsum, sigma, remaining)
 
-    def attend(self, q, k, v, tail, **kwargs: Any) -> FusedResult:
+    def rule(self) -> Any:
+        from ..kernels.skipping import RecallRule
+
+        return RecallRule(self.recall)
+
+    def attend(self, q, k, v, tail, **kwargs: Any) -> Result:
         result = super().attend(q, k, v, tail, **kwargs)
         result.info["target_recall"] = self.recall
         return result

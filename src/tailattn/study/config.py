@@ -32,8 +32,7 @@ PEER_METHODS = (
     "blasst",
     "blasst+uta",
     "recall",
-    "recall(bound=exact)",
-    "recall(bound=exact)+uta",
+    "recall+uta",
 )
 """The peer methods (DFSAttn, Rectified SpaAttn, BLASST, fixed recall) and the block top-p
 baselines Rectified is compared with; ``--methods peers``."""
