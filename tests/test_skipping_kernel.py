@@ -208,11 +208,11 @@ def test_no_host_device_sync():
     "spec", ["blasst(lam=0.01)+uta", "recall(recall=0.9)+blocks", "recall+moment"]
 )
 def test_attention_runs_the_kernel_with_the_same_decisions_as_the_reference(spec):
-    q, k, v = (x.float() for x in tiled_qkv(n=300, d=32, tile=64))
+    q, k, v = on_device(*tiled_qkv(n=300, d=32, tile=64))
     kw = dict(block_q=64, block_k=64, return_info=True)
     ref, ref_info = tailattn.attention(q, k, v, spec, backend="reference", **kw)
     out, info = tailattn.attention(q, k, v, spec, backend="triton", **kw)
     assert torch.equal(info["layout"].to_dense(), ref_info["layout"].to_dense())
     assert info["density"] == pytest.approx(ref_info["density"])
     assert info["qk_density"] == pytest.approx(ref_info["qk_density"])
-    assert float((out - ref).abs().max()) < 1e-4
+    assert float((out.cpu() - ref.cpu()).abs().max()) < 1e-4
