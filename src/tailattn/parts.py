@@ -15,6 +15,19 @@ from __future__ import annotations
 import torch
 
 
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` over the last axis, ``-inf`` for an empty or all ``-inf`` row, with a
+    zero (not NaN) gradient there: ``torch.logsumexp`` of an all ``-inf`` row has a NaN
+    gradient, which would reach q through an empty tail token (nothing dropped)."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], float("-inf"))
+    peak = x.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(x - peak).sum(dim=-1)
+    some = total > 0
+    return torch.where(some, torch.log(torch.where(some, total, 1.0)) + peak.squeeze(-1), -torch.inf)
+
+
 def merge_tokens(
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -34,7 +47,7 @@ def merge_tokens(
     Returns:
         (out, lse) of the union.
     """
-    total = torch.logaddexp(lse, torch.logsumexp(token_logits, dim=-1))
+    total = torch.logaddexp(lse, _logsumexp(token_logits))
     # guard: an all-empty union (cannot happen with a selection that keeps >= 1 key) stays finite
     safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
     merged = torch.exp(lse - safe_total).unsqueeze(-1) * out
