@@ -113,3 +113,31 @@ def test_capture_is_registered():
     assert result.exit_code == 0
     for name in ("study", "bench", "capture"):
         assert name in result.output
+
+
+def test_a_capture_with_nan_values_is_an_error_naming_the_tensor(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    k[0, 1, 5, 3] = float("nan")
+    with CaptureWriter(path, model="m", grid=(2, 4, 8), text_tokens=0) as writer:
+        writer.add(3, 7, q, k, v)
+    result = study("--source", str(path), "--experiments", "table1", "--methods", "topk",
+                   "--keep", "0.1", "--out", str(tmp_path / "rep"))  # fmt: skip
+    assert result.exit_code != 0
+    assert "'0.k'" in result.output and "layer 3" in result.output and "NaN" in result.output
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "where"), [("--json", "/nonexistent/dir/x.json"), ("--out", "/proc/tailattn/x")]
+)
+def test_output_paths_are_checked_before_any_work(capture_file, option, where, monkeypatch):
+    import tailattn.study as study_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the study ran although its output cannot be written")
+
+    monkeypatch.setattr(study_module, "run_study", must_not_run)
+    result = study("--source", str(capture_file), option, where)
+    assert result.exit_code == 2
+    assert "cannot write" in result.output

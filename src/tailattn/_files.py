@@ -29,6 +29,23 @@ def check_parent(path: Path, what: str) -> Path:
     return path
 
 
+def check_writable(path: Path, what: str, *, make_parents: bool = False) -> Path:
+    """Fail early, with a one-line reason, when ``path`` could not be written later: its
+    directory (or, with ``make_parents``, its nearest existing ancestor) must exist and take a
+    new entry. Call before long work so that its results are not lost at the end."""
+    path = Path(path)
+    parent = path.parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {what} {path}: no directory {parent}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tailattn-probe.", dir=parent))
+    except OSError as err:
+        raise ValueError(f"cannot write {what} {path}: {err.strerror} ({parent})") from None
+    return path
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename."""
     path = check_parent(Path(path), "file")

@@ -257,10 +257,17 @@ class CaptureEntry:
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as f:
-            return tuple(  # type: ignore[return-value]
+            tensors = tuple(
                 f.get_slice(f"{self.index}.{name}")[batch : batch + 1, head : head + 1]
                 for name in NAMES
             )
+        for name, x in zip(NAMES, tensors, strict=True):
+            if not bool(torch.isfinite(x).all()):
+                raise CaptureError(
+                    f"capture {self.path}: tensor '{self.index}.{name}' (layer {self.layer}, "
+                    f"step {self.step}) holds NaN or Inf values in batch {batch}, head {head}"
+                )
+        return tensors  # type: ignore[return-value]
 
     @property
     def q(self) -> torch.Tensor:

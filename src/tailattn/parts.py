@@ -25,7 +25,9 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     total = torch.exp(x - peak).sum(dim=-1)
     some = total > 0
-    return torch.where(some, torch.log(torch.where(some, total, 1.0)) + peak.squeeze(-1), -torch.inf)
+    return torch.where(
+        some, torch.log(torch.where(some, total, 1.0)) + peak.squeeze(-1), -torch.inf
+    )
 
 
 def merge_tokens(

@@ -51,6 +51,7 @@ def study(
     dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
 ) -> None:
     """Run the oracle study: every method on the same exact logits; Table 1 and the figures."""
+    from .._files import check_writable
     from ..study import (
         DEFAULT_KEEPS,
         DEFAULT_METHODS,
@@ -72,6 +73,10 @@ def study(
             seed=seed,
             dtype=dtype,
         )
+        # the report is written at the end: find out now if it cannot be
+        check_writable(out, "the report directory", make_parents=True)
+        if json_file is not None:
+            check_writable(json_file, "the JSON file")
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
     console = make_console()
