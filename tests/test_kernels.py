@@ -255,3 +255,16 @@ def test_rectified_on_the_kernel_matches_the_reference(curve):
     assert rel(out, ref.double().cpu()) < 1e-3
     assert rel(info["lse"], ref_info["lse"].double().cpu()) < 1e-5
     assert info["density"] == ref_info["density"] < 1
+
+
+def test_an_old_triton_interpreter_is_refused_with_the_reason(monkeypatch):
+    from tailattn.kernels import runtime
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runtime.triton, "__version__", "3.6.0")
+    assert "triton>=3.9" in runtime.interpreter_problem()
+    monkeypatch.setattr(runtime.triton, "__version__", "3.9.0")
+    assert runtime.interpreter_problem() is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(runtime.triton, "__version__", "3.6.0")
+    assert runtime.interpreter_problem() is None  # compiled on a GPU: 3.6 is fine

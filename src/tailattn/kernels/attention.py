@@ -24,13 +24,12 @@ Output: O = acc / l in the input dtype, lse = (m + log2 l) ln 2 in float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..contract import KernelTail
+from .runtime import interpreting
 
 TAIL_DROP: tl.constexpr = tl.constexpr(0)
 TAIL_UTA: tl.constexpr = tl.constexpr(1)
@@ -246,10 +245,6 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, config: dict | None) -> tuple
         )
     except (ImportError, AssertionError):  # strides or alignment a descriptor cannot take
         return k, v
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def launch(

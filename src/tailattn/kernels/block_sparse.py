@@ -15,6 +15,7 @@ from ..layout import BlockLayout
 from ..permute import permute_tokens, unpermute_tokens
 from . import attention as _attn
 from .pooling import block_means, block_sums
+from .runtime import interpreter_problem
 
 KERNEL_BLOCK_SIZES = (64, 128)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
@@ -23,6 +24,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def unsupported_reason(q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> str | None:
     """Why the kernel cannot run these inputs (None when it can)."""
+    problem = interpreter_problem()
+    if problem is not None:
+        return problem
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     for name, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):

@@ -39,12 +39,13 @@ that is 57 GFLOP (64 padded) and ~0.4 GB in bfloat16 for q and k together.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import interpreting
 
 MAX_HEAD_DIM = 256
 """Largest head dim the kernels take (a token tile and the centroid stages stay on chip)."""
@@ -180,10 +181,6 @@ def _prepare_kernel(
     mu = tl.load(Cent + at, mask=ok, other=0.0)
     tl.store(OutDot + at, mu.to(OutDot.dtype.element_ty), mask=ok)
     tl.store(OutNorm + rows, tl.sum(mu * mu, axis=1), mask=rows < ROWS)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -64,8 +64,9 @@ from .._checks import check_fraction
 from ..contract import KernelTail
 from ..layout import BlockLayout, block_sizes
 from ..select.blocks import pooled_logits
-from .attention import LOG2E, TAIL_BLOCKS, TAIL_CODES, TAIL_UTA, _dot, interpreting
+from .attention import LOG2E, TAIL_BLOCKS, TAIL_CODES, TAIL_UTA, _dot
 from .pooling import block_sums
+from .runtime import interpreter_problem, interpreting
 
 RULE_BLASST: tl.constexpr = tl.constexpr(0)
 RULE_RECALL: tl.constexpr = tl.constexpr(1)
@@ -418,6 +419,9 @@ def unsupported_reason(
 ) -> str | None:
     """Why the skipping kernel cannot run these inputs (None when it can), so that a dispatcher
     can fall back to the reference loop (:class:`tailattn.select.dynamic.TileLoop`)."""
+    problem = interpreter_problem()
+    if problem is not None:
+        return problem
     if not isinstance(_kernel_tail(tail), KernelTail):
         return f"tail {tail!r} (the kernel runs {', '.join(t.value for t in KernelTail)})"
     if q.device.type != "cuda" and not interpreting():

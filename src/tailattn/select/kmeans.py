@@ -176,7 +176,11 @@ def triton_unsupported(x: torch.Tensor) -> str | None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x is {x.dtype}; the kernels take float16, bfloat16 and float32"
     from ..kernels.kmeans import MAX_HEAD_DIM
+    from ..kernels.runtime import interpreter_problem
 
+    problem = interpreter_problem()
+    if problem is not None:
+        return problem
     if x.shape[-1] > MAX_HEAD_DIM:
         return f"the head dim {x.shape[-1]} is above {MAX_HEAD_DIM}"
     return None
