@@ -171,3 +171,18 @@ def test_bad_layout_and_scale(qkv):
         call(*qkv, scale=-1.0)
     with pytest.raises(TypeError, match="method must be a spec string"):
         call(*qkv, method=3)
+
+
+def test_meta_tensors_are_refused_with_a_clear_error():
+    q = torch.empty(1, 1, 64, 16, device="meta")
+    with pytest.raises(ValueError, match="q is on the meta device"):
+        tailattn.attention(q, q, q, "topk+uta", keep=0.5)
+
+
+def test_a_bound_method_compiles_as_one_graph():
+    # the NaN/Inf check is skipped under torch.compile; spec parsing is not traceable, so the
+    # method is bound first (docs/methods.md, bad input)
+    q = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(0))
+    bound = tailattn.registry.bind("block-topk(block_q=16, block_k=16)+uta", keep=0.5)
+    compiled = torch.compile(lambda q, k, v: tailattn.attention(q, k, v, bound), fullgraph=True)
+    torch.testing.assert_close(compiled(q, q, q), tailattn.attention(q, q, q, bound))

@@ -57,6 +57,7 @@ def test_capture_command_writes_the_chosen_entries(app, tmp_path):
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--frames", "2"])
     assert result.exit_code == 0, result.output
     assert "4 entries" in plain(result.output)
+    assert "capture: 4 entries of" in plain(result.output)  # the size estimate, said first
     assert app.loaded[0][1:] == (torch.float32, "cpu")
     loaded = capture_module.load_capture(out)
     assert [(e.layer, e.step) for e in loaded.entries] == [(0, 1), (2, 1), (0, 2), (2, 2)]

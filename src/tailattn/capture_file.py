@@ -134,6 +134,11 @@ class CaptureWriter:
             self._tensors.append((f"{index}.{name}", _DTYPES[x.dtype][0], list(x.shape), len(data)))
         self._entries.append({"layer": layer, "step": step, "timestep": timestep})
 
+    @property
+    def bytes_written(self) -> int:
+        """Tensor bytes written so far."""
+        return sum(nbytes for *_, nbytes in self._tensors)
+
     def _check_entry(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, x in zip(NAMES, (q, k, v), strict=True):
             if not isinstance(x, torch.Tensor) or x.ndim != 4:

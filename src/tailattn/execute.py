@@ -22,6 +22,7 @@ bad. Under ``torch.compile`` the check is skipped (a data-dependent branch break
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -62,16 +63,21 @@ def _no_kernel(bound: BoundMethod, backend: str | None) -> None:
         )
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return find_spec("triton") is not None
+
+
 def choose_kernel(
     backend: str | None, q: torch.Tensor, unsupported: Callable[[], str | None]
 ) -> bool:
     """Whether to run a Triton kernel: always with ``backend="triton"`` (an error naming the
     reason when it cannot), on CUDA by default, never with ``backend="reference"``.
     ``unsupported()`` says why the kernel cannot take these inputs (``None`` when it can)."""
-    if backend == "reference":
+    if backend == "reference" or (backend is None and q.device.type != "cuda"):
         return False
     reason = None
-    if find_spec("triton") is None:
+    if not _triton_installed():
         reason = "Triton is not installed"
     elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"the inputs are on {q.device.type}, not CUDA"

@@ -135,8 +135,21 @@ def capture_command(
     with Progress(*columns) as progress, session:
         task = progress.add_task("steps", total=num_steps)
 
+        told = False
+
         def advance(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            nonlocal told
             progress.advance(task)
+            if not told and session.entries:  # the first recorded step: say what is coming
+                told = True
+                layers = len(session.layers or session.patched)
+                steps = len(session.steps or range(num_steps))
+                per_entry = session.bytes_written / session.entries
+                progress.console.print(
+                    f"capture: {layers * steps} entries of {per_entry / 2**20:.1f} MB, about "
+                    f"{layers * steps * per_entry / 2**30:.2f} GB in {out} "
+                    f"(--layers and --steps record fewer)"
+                )
             return {}
 
         pipe(

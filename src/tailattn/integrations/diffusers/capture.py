@@ -81,7 +81,7 @@ class CaptureSession:
         meta: dict[str, Any],
         owns_handle: bool = False,
     ) -> None:
-        patched = frozenset.intersection(*handle.layers)
+        self.patched = patched = frozenset.intersection(*handle.layers)
         self.layers = _indices(layers, "layers")
         missing = sorted((self.layers or patched) - patched)
         if missing:
@@ -110,6 +110,11 @@ class CaptureSession:
         self.entries = 0
         self._handle, self._owns_handle = handle, owns_handle
         self._writer: Any = None
+
+    @property
+    def bytes_written(self) -> int:
+        """Tensor bytes written to the capture file so far (0 with a caller's sink)."""
+        return getattr(self._writer, "bytes_written", 0)
 
     def __enter__(self) -> CaptureSession:
         self._handle.add_observer(self)
