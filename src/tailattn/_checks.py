@@ -83,6 +83,8 @@ def check_qkv(
                 f"{name} has (batch, heads) = {tuple(x.shape[:2])} but q has "
                 f"{tuple(q4.shape[:2])}; they must match"
             )
+    if q4.is_meta:
+        raise ValueError("q is on the meta device (shapes without data); attention needs data")
     if k4.shape[3] != q4.shape[3]:
         raise ValueError(f"k has head dim {k4.shape[3]} but q has {q4.shape[3]}; they must match")
     if v4.shape[2] != k4.shape[2]:
