@@ -67,10 +67,6 @@ def check_qkv(
             )
         if 0 in x.shape:
             raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-        if x.is_meta:
-            raise ValueError(
-                f"{name} is on the meta device (shapes without data); attention needs data"
-            )
         tensors[name] = to_bhnd(x, layout)
     q4, k4, v4 = tensors["q"], tensors["k"], tensors["v"]
     for name, x in (("k", k4), ("v", v4)):
