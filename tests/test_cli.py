@@ -141,3 +141,19 @@ def test_output_paths_are_checked_before_any_work(capture_file, option, where, m
     result = study("--source", str(capture_file), option, where)
     assert result.exit_code == 2
     assert "cannot write" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tail", "foo"], "unknown block tails"),
+        (["--level", "nope"], "--level must be one of"),
+        (["--level", "e2e", "--models", "wan-99b"], "unknown models"),
+        (["--level", "calls", "--shape", "1,2,256,64"], "--grid T,H,W is needed"),
+        (["--json", "/nonexistent/dir/b.json"], "cannot write"),
+    ],
+)
+def test_bench_checks_its_options_before_looking_for_cuda(args, message):
+    result = runner.invoke(app, ["bench", *args], terminal_width=200)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())

@@ -258,3 +258,27 @@ def test_transformer_called_without_a_timestep():
     inputs["timestep"] = None
     with apply(model, "topk+uta", keep=0.5), pytest.raises(ValueError, match="usable timestep"):
         run(model, inputs)
+
+
+@pytest.mark.parametrize(
+    "method", ["full", "topp+uta", "threshold", "rectified", "blasst", "recall"]
+)
+def test_methods_without_a_budget_apply_with_the_default_keep(method):
+    model = wan(num_layers=1)
+    with apply(model, method) as handle:  # keep="default": nothing for these methods
+        run(model, wan_inputs(700.0))
+    assert handle.calls[0].keep is None
+    with pytest.raises(ValueError, match="takes no parameter 'keep'"):
+        apply(model, method, keep=0.1)
+
+
+def test_budgeted_methods_get_the_default_keep_and_explicit_none_means_none():
+    model = wan(num_layers=1)
+    with apply(model, "block-topk+uta") as handle:
+        run(model, wan_inputs(700.0))
+    assert handle.calls[0].keep == 0.1
+    with apply(model, "dfs(warmup=0)+uta", keep=None) as handle:  # DFSAttn's own keeps
+        run(model, wan_inputs(700.0))
+    assert handle.calls[0].keep is None
+    with pytest.raises(ValueError, match="keep must be a number"):
+        apply(model, "block-topk+uta", keep="lots")

@@ -33,3 +33,14 @@ def test_a_fixed_keep_overrides_the_keep_schedule():
         (state,) = handle.states.values()
         assert [a for _, a, _ in state.history] == ["dense", "rebuild", "rebuild"]
         assert [kp for *_, kp in state.history] == [None, 0.25, 0.25]
+
+
+def test_the_warmup_of_apply_and_of_dfsattn_overlap_instead_of_adding_up():
+    pipe = TinyPipeline(wan(num_layers=1))
+    spec = "dfs(warmup=2, rebuild=2, keeps=0.5, tile=4, block_q=8, block_k=8)"
+    with apply(pipe, spec, keep=None, warmup_steps=1) as handle:
+        pipe(num_inference_steps=4, branches=1)
+        (state,) = handle.states.values()
+        # step 0 dense by the schedule, step 1 by DFSAttn's warm-up, then sparse from step 2
+        assert [(s, a) for s, a, _ in state.history] == [(1, "dense"), (2, "rebuild"), (3, "reuse")]
+    assert [c.dense for c in handle.calls] == [True, False, False, False]

@@ -153,6 +153,8 @@ class Runtime:
             if self.states.wanted
             else None
         )
+        if isinstance(getattr(state, "step", None), int):
+            state.step = tick.step  # the diffusion step, not the count of sparse calls
         return joint_attention(
             q, k, v, order, self._sparse(plan, grid, state), mask=mask, backend=backend
         )

@@ -8,6 +8,10 @@ keeps one object per :class:`StateKey` and passes it to ``tailattn.attention(...
 Protocol: a selection that wants state defines a method ``new_state()`` returning a fresh
 state object; the handle calls it on a layer's first sparse call of a run and passes the same
 object on every later call of that key. Selections without ``new_state`` get no ``state=``.
+A state with an integer attribute ``step`` (DFSAttn's mask cache) is told the diffusion step
+before each call, so its own dense warm-up and rebuild steps count diffusion steps: with
+``apply(..., warmup_steps=W)`` and DFSAttn's ``warmup=12`` the first max(W, 12) steps are
+dense, not W + 12.
 With guidance as a batch of 2 (CogVideoX) one call carries both passes; the state object then
 sees that batch, so per-batch-element content (one entry per batch element) stays separate.
 A new run (see ``clock``) starts from fresh states.
