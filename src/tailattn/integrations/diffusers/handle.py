@@ -175,8 +175,12 @@ def _check_installable(
                 )
 
 
-DEFAULT_METHOD = "svg2+uta"
-"""The method of ``apply()`` when none is given."""
+DEFAULT_METHOD = "dfs+uta"
+"""The method of ``apply()`` when none is given: the best measured quality at keep 0.1 among the
+methods whose transformer step is within 5 % of block-topk+drop (BENCHMARKS.md, docs/diffusers.md:
+MSE 3.03e-2 against 3.42e-2 for block-topk+uta on synthetic Wan2.1-1.3B attention; 1.80x per
+Wan2.1-1.3B step on an H200, 2026-11-30). DFSAttn's own schedule applies: dense for the first 12
+diffusion steps, mask rebuilt at steps 12, 24, 36 and reused in between."""
 DEFAULT_KEEP = 0.1
 """The keep ratio of budgeted methods when ``apply()`` gets none."""
 
