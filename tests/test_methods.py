@@ -98,3 +98,17 @@ def test_registered_names():
         "lowdelta",
         "moment",
     }
+
+
+def test_a_bound_method_runs_as_it_is_and_refuses_new_parameters(skewed):
+    q, k, v = skewed(n=64)
+    bound = tailattn.registry.bind("topk+uta", keep=0.25)
+    torch.testing.assert_close(
+        tailattn.attention(q, k, v, bound), tailattn.attention(q, k, v, "topk+uta", keep=0.25)
+    )
+    assert bound.with_keep(0.5).selection.keep == 0.5 and bound.selection.keep == 0.25
+    for kwargs in ({"keep": 0.5}, {"p": 0.9}):
+        with pytest.raises(ValueError, match="method is already bound"):
+            tailattn.attention(q, k, v, bound, **kwargs)
+    with pytest.raises(ValueError, match="takes no keep ratio"):
+        tailattn.registry.bind("topp+uta").with_keep(0.5)

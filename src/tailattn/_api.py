@@ -18,19 +18,6 @@ def _add_stats(info: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
         info.setdefault("per_head", {})[name] = value.mean(dim=(0, 2)).tolist()
 
 
-def bind(method: str | Method | BoundMethod, keep: float | None, params: dict[str, Any]):
-    """A bound method from a spec (bound here) or as it is (then ``keep`` and parameters must
-    not be given: they were fixed when it was bound)."""
-    if isinstance(method, BoundMethod):
-        if keep is not None or params:
-            raise ValueError(
-                "method is already bound: give keep= and parameters to registry.bind(), "
-                "not to attention()"
-            )
-        return method
-    return registry.bind(method, keep=keep, **params)
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,7 +76,7 @@ def attention(
     """
     layout = check_layout(layout)
     backend = execute.check_backend(backend)
-    bound = bind(method, keep, params)
+    bound = registry.resolve(method, keep=keep, **params)
     q4, k4, v4 = check_qkv(q, k, v, layout, finite=False)
     s = check_scale(scale, q4.shape[-1])
     if grid is not None:

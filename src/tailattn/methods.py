@@ -357,6 +357,21 @@ class Registry:
         kind = _granularity(granularity)
         return {n: e for (n, g), e in sorted(self._tails.items()) if g == kind}
 
+    def resolve(
+        self, method: str | Method | BoundMethod, *, keep: float | None = None, **params: Any
+    ) -> BoundMethod:
+        """A bound method as it is (then ``keep`` and parameters must not be given: they were
+        fixed when it was bound), or a spec bound here (:meth:`bind`). What the entry points
+        that take either (``attention()``, ``apply()``) call."""
+        if isinstance(method, BoundMethod):
+            if keep is not None or params:
+                raise ValueError(
+                    "method is already bound: give keep= and parameters to registry.bind() "
+                    "when binding it"
+                )
+            return method
+        return self.bind(method, keep=keep, **params)
+
     def bind(
         self, method: str | Method, *, keep: float | None = None, **params: Any
     ) -> BoundMethod:

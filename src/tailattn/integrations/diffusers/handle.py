@@ -200,14 +200,7 @@ def _bind(
             keep = DEFAULT_KEEP
     elif isinstance(keep, str):
         raise ValueError(f"keep must be a number in (0, 1], None or 'default', got {keep!r}")
-    if isinstance(method, BoundMethod):
-        if keep is not None or params:
-            raise ValueError(
-                "method is already bound: give keep= and parameters to registry.bind(), "
-                "not to apply()"
-            )
-        return method
-    return registry.bind(method, keep=keep, **params)
+    return registry.resolve(method, keep=keep, **params)
 
 
 def apply(
