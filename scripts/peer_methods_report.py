@@ -81,8 +81,9 @@ def density_matched_p(q, k, target: float, scale: float) -> float:
 
 
 def rectified_vs_topp(q, k, v, grid, scale, full) -> list[dict[str, object]]:
-    from tailattn.reference import BlockDrop, BlockUTA, PooledBlocks, block_attention
+    from tailattn.reference import block_attention
     from tailattn.select import BlockTopP, Rectified
+    from tailattn.tails import BlockDrop, BlockUTA, PooledBlocks
 
     rows = []
     for drop_rate in (0.75, 0.9):
