@@ -8,8 +8,8 @@ run and the PSNR of the sparse video against the dense one::
         --prompt "a cat surfing a wave at sunset" --method "svg2+uta" --keep 0.1 \\
         --warmup-steps 10 --dense-layers 0 --out videos/
 
-Needs the ``diffusers`` extra (``pip install -e '.[diffusers]'`` from a clone) and a CUDA GPU for real resolutions; the project's
-own end-to-end checks run on its toy model instead.
+Needs the ``diffusers`` extra (``pip install -e '.[diffusers]'`` from a clone) and a CUDA GPU
+for real resolutions; the project's own end-to-end checks run on its toy model instead.
 """
 
 from __future__ import annotations
