@@ -56,3 +56,13 @@ def test_nothing_dropped_has_the_gradient_of_dense_attention():
     tailattn.full_attention(q, k, v).sum().backward()
     for got, want in zip(sparse, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["block-topk(block_q=16, block_k=16)+uta", "rectified"])
+def test_the_forward_only_kernels_refuse_inputs_that_need_gradients(spec):
+    q, k, v = inputs()
+    kw = {"keep": 0.5} if spec.startswith("block") else {"grid": (4, 4, 4)}
+    with pytest.raises(ValueError, match="need gradients and the kernels are forward-only"):
+        tailattn.attention(q, k, v, spec, backend="triton", **kw)
+    with torch.no_grad():  # no gradients wanted: the kernel may run (interpreter, or CUDA)
+        tailattn.attention(q.float(), k.float(), v.float(), spec, **kw)

@@ -1,13 +1,16 @@
 """Method specs and the registry."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
 import tailattn
 from tailattn.methods import Method, Registry
+from tailattn.tails import BlockUTA
 
 
 @pytest.mark.parametrize(
@@ -112,3 +115,29 @@ def test_a_bound_method_runs_as_it_is_and_refuses_new_parameters(skewed):
             tailattn.attention(q, k, v, bound, **kwargs)
     with pytest.raises(ValueError, match="takes no keep ratio"):
         tailattn.registry.bind("topp+uta").with_keep(0.5)
+
+
+def test_a_block_tail_without_a_kernel_form_runs_on_the_reference(skewed):
+    @dataclass(frozen=True)
+    class Halved(BlockUTA):
+        """The uta token at half its mass; no kernel form declared."""
+
+        kernel: ClassVar = None
+
+        def tokens(self, summary, q_blocks, rows, kept, scale):
+            chunk = super().tokens(summary, q_blocks, rows, kept, scale)
+            return dataclasses.replace(chunk, logits=chunk.logits - math.log(2.0))
+
+    registry = Registry()
+    registry.selection("block-topk", granularity="block")(tailattn.select.BlockTopK)
+    registry.tail("halved", granularity="block")(Halved)
+    registry.runner("block")(tailattn.execute.run_block)
+    bound = registry.bind("block-topk(block_q=16, block_k=16)+halved", keep=0.5)
+    q, k, v = (x.float() for x in skewed(n=64))
+    with pytest.raises(ValueError, match="has no kernel form"):
+        bound(q, k, v, scale=0.25, backend="triton")
+    out = bound(q, k, v, scale=0.25).out  # the reference path
+    uta = tailattn.attention(
+        q, k, v, "block-topk(block_q=16, block_k=16)+uta", keep=0.5, scale=0.25
+    )
+    assert 0 < float((out - uta).abs().max()) < 1

@@ -162,8 +162,10 @@ class BlockTail(Protocol):
     :meth:`epilogue`. Tails subclass this Protocol to inherit the defaults.
     """
 
-    kernel: ClassVar[KernelTail] = KernelTail.DROP
-    """What the fused kernel computes for this tail inside its loop."""
+    kernel: ClassVar[KernelTail | None] = None
+    """What the fused kernel computes for this tail inside its loop; ``None``: no kernel form,
+    the method runs on the reference executor (a new tail gets the kernel path by declaring
+    one, plus an :meth:`epilogue` for what the kernel does not compute)."""
     second_moments: ClassVar[bool] = False
     """Whether :meth:`prepare` needs per-block sums of k k^T and k v^T."""
 

@@ -69,15 +69,27 @@ def _triton_installed() -> bool:
 
 
 def choose_kernel(
-    backend: str | None, q: torch.Tensor, unsupported: Callable[[], str | None]
+    backend: str | None,
+    tensors: tuple[torch.Tensor, ...],
+    tail: Any,
+    unsupported: Callable[[], str | None],
 ) -> bool:
     """Whether to run a Triton kernel: always with ``backend="triton"`` (an error naming the
     reason when it cannot), on CUDA by default, never with ``backend="reference"``.
-    ``unsupported()`` says why the kernel cannot take these inputs (``None`` when it can)."""
+
+    The kernels are forward-only, so inputs that need gradients (autograd on, some tensor with
+    ``requires_grad``) take the reference path, which differentiates; a tail without a kernel
+    form (``tail.kernel`` is None) too. ``unsupported()`` says why the kernel cannot take the
+    inputs otherwise (``None`` when it can)."""
+    q = tensors[0]
     if backend == "reference" or (backend is None and q.device.type != "cuda"):
         return False
     reason = None
-    if not _triton_installed():
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        reason = "the inputs need gradients and the kernels are forward-only"
+    elif getattr(tail, "kernel", None) is None:
+        reason = f"tail {type(tail).__name__} has no kernel form (its kernel is None)"
+    elif not _triton_installed():
         reason = "Triton is not installed"
     elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"the inputs are on {q.device.type}, not CUDA"
@@ -88,15 +100,20 @@ def choose_kernel(
     return reason is None and (backend == "triton" or q.device.type == "cuda")
 
 
-def use_kernel(backend: str | None, q: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
+def use_kernel(
+    backend: str | None,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    tail: Any,
+    layout: BlockLayout,
+) -> bool:
     """:func:`choose_kernel` for the fused block-sparse kernel and a block layout."""
 
     def unsupported() -> str | None:
         from .kernels import unsupported_reason
 
-        return unsupported_reason(q, v, layout)
+        return unsupported_reason(tensors[0], tensors[2], layout)
 
-    return choose_kernel(backend, q, unsupported)
+    return choose_kernel(backend, tensors, tail, unsupported)
 
 
 @registry.runner(Granularity.DENSE)
@@ -159,7 +176,7 @@ def run_block(
     reference path adds the exact per-query statistics."""
     layout = bound.selection(q, k, scale=scale, grid=grid, state=state)
     stats: dict[str, torch.Tensor] = {}
-    if use_kernel(backend, q, v, layout):
+    if use_kernel(backend, (q, k, v), bound.tail, layout):
         from .kernels import block_sparse_attention
 
         out, lse = block_sparse_attention(q, k, v, layout, bound.tail.kernel, scale)

@@ -308,7 +308,7 @@ class TileLoop(abc.ABC):
 
             return unsupported_reason(q, v, tail.kernel, self.block_q, self.block_k)
 
-        if choose_kernel(backend, q, unsupported):
+        if choose_kernel(backend, (q, k, v), tail, unsupported):
             return self._attend_kernel(q, k, v, tail, scale, with_stats)
         check_values(q, k, v)
         return self._attend_reference(q, k, v, tail, scale, with_stats)

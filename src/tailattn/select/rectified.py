@@ -249,7 +249,7 @@ class Rectified:
         plan = self.plan(q, k, v, scale, grid)
         layout, rescale, compensation = plan.layout, plan.rescale, plan.compensation
         stats: dict[str, torch.Tensor] = {}
-        if use_kernel(backend, q, v, layout):
+        if use_kernel(backend, (q, k, v), tail, layout):
             from ..kernels import block_sparse_attention
 
             out, lse = block_sparse_attention(q, k, v, layout, KernelTail.DROP, scale)
