@@ -53,6 +53,17 @@ class KernelTail(str, Enum):
     BLOCKS = "blocks"
 
 
+FATE_UNSEEN, FATE_NO_PV, FATE_COMPUTED = 0, 1, 2
+"""In-loop skipping (``blasst``, ``recall``): a key tile's fate in a query tile, skipped before
+its QK, skipped before its P.V, or computed; the same codes in the Triton kernel
+(:mod:`tailattn.kernels.skipping`) and its reference (:mod:`tailattn.select.dynamic`)."""
+
+SKIP_SAFETY = 1e-3
+"""Relative margin of the recall test of in-loop skipping: a tile is skipped when its mass is
+below ``(1 - SKIP_SAFETY)`` times its share, so logits rounded by up to ~1e-3 cannot break the
+guarantee (docs/skipping.md)."""
+
+
 @dataclass(frozen=True)
 class Result:
     """What running a bound method returns.

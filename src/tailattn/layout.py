@@ -167,8 +167,8 @@ class BlockLayout:
 
         With ``check=True`` the CSR rows are as long as the fullest row (one device sync) and
         the layout is validated. ``check=False`` is for masks that keep at least one block in
-        every row by construction: the rows are padded to Mk and nothing synchronizes, so the
-        call can run inside a CUDA graph.
+        every row by construction: nothing is validated and, off the CPU, the rows are padded to
+        Mk so that nothing synchronizes and the call can run inside a CUDA graph.
         """
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4:
             raise ValueError("mask must be a bool tensor (B, H, Mq, Mk)")
@@ -178,7 +178,10 @@ class BlockLayout:
                 f"needs {num_blocks(n_k, block_k)}"
             )
         counts = mask.sum(dim=-1)
-        kmax = max(1, int(counts.max()) if counts.numel() else 1) if check else mask.shape[3]
+        if check or mask.device.type == "cpu":  # a host-side maximum costs nothing on the CPU
+            kmax = max(1, int(counts.max()) if counts.numel() else 1)
+        else:
+            kmax = mask.shape[3]
         # stable sort of the negated mask puts kept ids first, in ascending order
         order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax]
         return cls(

@@ -155,9 +155,6 @@ class Method:
             return sel
         return f"{sel}+{self.tail}{_format_params(self.tail_params)}"
 
-    def with_tail(self, tail: str, **params: Any) -> Method:
-        return dataclasses.replace(self, tail=tail, tail_params=tuple(sorted(params.items())))
-
     def __str__(self) -> str:
         return self.spec
 

@@ -16,7 +16,7 @@ valid row (rows past Nq ignored) agrees. Each tile's fate is written to an int8 
   skipped mass in the scale of m (rescaled with l when m moves). With R tiles not yet visited
   (this one included) and c = (1 - r) / r, the share of tile j is
 
-      b_i = (1 - SAFETY) (c l_i - sigma_i) / R,                                     (S1)
+      b_i = (1 - SKIP_SAFETY) (c l_i - sigma_i) / R,                                     (S1)
 
   and every tile but the first visited is tested twice:
 
@@ -61,24 +61,20 @@ import triton
 import triton.language as tl
 
 from .._checks import check_fraction
-from ..contract import KernelTail
+from ..contract import FATE_COMPUTED, FATE_NO_PV, FATE_UNSEEN, SKIP_SAFETY, KernelTail
 from ..layout import BlockLayout, block_sizes
-from ..select.blocks import pooled_logits
 from .attention import LOG2E, TAIL_BLOCKS, TAIL_CODES, TAIL_UTA, _dot
-from .pooling import block_sums
+from .pooling import block_means, block_sums
 from .runtime import interpreter_problem, interpreting
 
 RULE_BLASST: tl.constexpr = tl.constexpr(0)
 RULE_RECALL: tl.constexpr = tl.constexpr(1)
 
-FATE_UNSEEN, FATE_NO_PV, FATE_COMPUTED = 0, 1, 2
-"""A key tile's fate in a query tile (the same codes as :mod:`tailattn.select.dynamic`)."""
+
 _UNSEEN: tl.constexpr = tl.constexpr(FATE_UNSEEN)
 _NO_PV: tl.constexpr = tl.constexpr(FATE_NO_PV)
 _COMPUTED: tl.constexpr = tl.constexpr(FATE_COMPUTED)
 
-SAFETY = 1e-3
-"""Relative margin of the recall test (S1), as in :data:`tailattn.select.dynamic.SAFETY`."""
 
 SKIP_BLOCK_SIZES = (64, 128)
 SKIP_HEAD_DIMS = (16, 32, 64, 128)
@@ -483,10 +479,13 @@ def _key_stats(
 
 
 def _visit_order(
-    q: torch.Tensor, k: torch.Tensor, scale: float, block_q: int, block_k: int
+    q: torch.Tensor, kbar: torch.Tensor, n_k: int, scale: float, block_q: int, block_k: int
 ) -> torch.Tensor:
-    """Key tiles by descending pooled score s qbar_m . kbar_j + log n_j, (B, H, Mq, Mk) int32."""
-    scores = pooled_logits(q, k, scale, block_q, block_k)
+    """Key tiles by descending pooled score s qbar_m . kbar_j + log n_j, (B, H, Mq, Mk) int32
+    (the reference loop's order, :meth:`tailattn.select.Recall.order`, from the same means)."""
+    qbar, _ = block_means(q, block_q)
+    log_n = torch.log(block_sizes(n_k, block_k, q.device).to(torch.float32))
+    scores = scale * qbar @ kbar.mT + log_n
     return scores.argsort(dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
 
 
@@ -541,7 +540,10 @@ def skipping_attention(
     ratio = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32) if recall else None
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     stats = _key_stats(k, v, rule, tail, block_k)
-    order = _visit_order(q, k, s, block_q, block_k) if recall else dummy.to(torch.int32)
+    if recall:
+        order = _visit_order(q, stats["kbar"], n_k, s, block_q, block_k)
+    else:
+        order = dummy.to(torch.int32)
     tensors = [stats.get(n, dummy) for n in ("kbar", "rad", "ksum", "vsum", "ktot", "vtot")]
     args = (q, k, v, out, lse, fate, dummy if ratio is None else ratio, order, *tensors)
     args = (*args, stats.get("vbar", dummy))
@@ -549,7 +551,7 @@ def skipping_attention(
     args = (*args, h, n_q, n_k, m_q, m_k, s * LOG2E)
     log2_lam = math.log2(rule.lam) if isinstance(rule, BlasstRule) else 0.0
     recall_coef = (1.0 - rule.recall) / rule.recall if recall else 0.0
-    args = (*args, log2_lam, recall_coef, SAFETY)
+    args = (*args, log2_lam, recall_coef, SKIP_SAFETY)
     meta = dict(
         BLOCK_M=block_q,
         BLOCK_N=block_k,

@@ -106,9 +106,12 @@ def layout_from_ranking(
         counts: (B, H, Mq) how many to keep, in [1, R].
 
     The kept ids of a row are stored in ascending order (key blocks are then visited in memory
-    order); rows are padded to R slots (no device sync to find the longest row), padding slots
-    hold 0. Counts in [1, R] and distinct ids make the layout valid by construction.
+    order); padding slots hold 0. Off the CPU the rows are padded to R slots (no device sync to
+    find the longest row). Counts in [1, R] and distinct ids make the layout valid by
+    construction.
     """
+    if ranked.device.type == "cpu":  # short rows for the reference executor; no sync to avoid
+        ranked = ranked[..., : max(1, int(counts.max()))]
     valid = torch.arange(ranked.shape[-1], device=ranked.device) < counts.unsqueeze(-1)
     big = num_blocks(n_k, block_k)
     ordered = ranked.masked_fill(~valid, big).sort(dim=-1).values

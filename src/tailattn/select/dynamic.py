@@ -32,13 +32,13 @@ QK (``FATE_UNSEEN``), 1 skipped after its QK, before the V load and P.V (``FATE_
   1. before its QK, with the Cauchy-Schwarz bound q.k <= q.kbar_j + |q| rad_j
      (rad_j = max_{k in j} |k - kbar_j|): the tile's mass is at most
      ``B_ij = n_j exp(s (q_i . kbar_j + |q_i| rad_j) - m_i)``; skip (fate 0) when
-     ``B_ij < (1 - SAFETY) b_i`` on every valid row, and add B_ij to sigma_i;
+     ``B_ij < (1 - SKIP_SAFETY) b_i`` on every valid row, and add B_ij to sigma_i;
   2. after its QK, with the exact mass ``E_ij = sum_{k in j} e^{z_ik - m_i}``: skip the V load
-     and P.V (fate 1) when ``E_ij < (1 - SAFETY) b_i`` on every valid row, add E_ij to sigma_i;
+     and P.V (fate 1) when ``E_ij < (1 - SKIP_SAFETY) b_i`` on every valid row, add E_ij to sigma_i;
 
   otherwise the tile is folded in. Each skip keeps sigma_i < c l_i, and l only grows, so the
   skipped mass S_i <= sigma_i <= c L_i at the end and the recall L_i / (L_i + S_i) >= r holds
-  for every query row: a guarantee, not an estimate (proof in docs/skipping.md). ``SAFETY``
+  for every query row: a guarantee, not an estimate (proof in docs/skipping.md). ``SKIP_SAFETY``
   keeps it under float32 rounding of the logits. Sharing the budget over the R remaining
   tiles keeps some of it for the many small tiles at the end of the order instead of spending
   it on the first tile that fits. ``r = 1`` computes every tile.
@@ -67,7 +67,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import accumulation_dtype, check_fraction, check_positive
-from ..contract import Result
+from ..contract import FATE_COMPUTED, FATE_NO_PV, FATE_UNSEEN, SKIP_SAFETY, Result
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
 from ..parts import merge_tokens
@@ -75,13 +75,6 @@ from ..reference.full import full_attention
 from ..reference.streaming import DEFAULT_CHUNK_BYTES
 from ..tails.block import BlockDrop, BlockTail, key_block_sums, to_blocks
 from .blocks import check_block_size, pooled_logits
-
-FATE_UNSEEN, FATE_NO_PV, FATE_COMPUTED = 0, 1, 2
-"""A key tile's fate in a query tile: skipped before QK, skipped before P.V, computed."""
-
-SAFETY = 1e-3
-"""Relative margin of the recall test: a tile is skipped when its mass is below
-``(1 - SAFETY)`` times its share, so logits rounded by up to ~1e-3 cannot break the guarantee."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +373,8 @@ class TileLoop(abc.ABC):
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, h, -1, *x.shape[4:])[:, :, :n_q]
 
+        if not with_stats:
+            return Result(flat(out), flat(lse))
         layout = BlockLayout.from_dense(loop.kept, n_q, n_k, self.block_q, self.block_k)
         seen = BlockLayout.from_dense(
             loop.fate != FATE_UNSEEN, n_q, n_k, self.block_q, self.block_k
@@ -391,14 +386,12 @@ class TileLoop(abc.ABC):
             "qk_density": seen.density(),
             "layout": layout,
         }
-        stats: dict[str, torch.Tensor] = {}
-        if with_stats:
-            full_lse = full_attention(qa, ka, va, scale, return_lse=True)[1]
-            stats = {
-                "density": flat(density),
-                "recall": torch.exp(flat(loop.lse) - full_lse),
-                "recall_bound": 1.0 / (1.0 + flat(loop.skipped)),
-            }
+        full_lse = full_attention(qa, ka, va, scale, return_lse=True)[1]
+        stats = {
+            "density": flat(density),
+            "recall": torch.exp(flat(loop.lse) - full_lse),
+            "recall_bound": 1.0 / (1.0 + flat(loop.skipped)),
+        }
         return Result(flat(out), flat(lse), stats, info)
 
 
@@ -456,9 +449,9 @@ class Recall(TileLoop):
     def fits(
         self, mass: torch.Tensor, lsum: torch.Tensor, sigma: torch.Tensor, remaining: int
     ) -> torch.Tensor:
-        """``mass < (1 - SAFETY) b`` with the share b of Eq. (1)."""
+        """``mass < (1 - SKIP_SAFETY) b`` with the share b of Eq. (1)."""
         share = ((1.0 - self.recall) / self.recall * lsum - sigma) / remaining
-        return mass < share * (1.0 - SAFETY)
+        return mass < share * (1.0 - SKIP_SAFETY)
 
     def skip_unseen(self, bound, lsum, sigma, remaining) -> torch.Tensor:
         return self.fits(bound, lsum, sigma, remaining)
@@ -473,5 +466,6 @@ class Recall(TileLoop):
 
     def attend(self, q, k, v, tail, **kwargs: Any) -> Result:
         result = super().attend(q, k, v, tail, **kwargs)
-        result.info["target_recall"] = self.recall
+        if result.info:  # asked for statistics
+            result.info["target_recall"] = self.recall
         return result
