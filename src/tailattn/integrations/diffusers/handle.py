@@ -5,6 +5,10 @@
 the call) on each transformer. Nothing else of the model changes: no forward method is replaced
 and nothing global is set; ``Handle.remove()`` puts the original processor objects back and
 removes the hooks, after which the model computes exactly what it computed before.
+
+A transformer under diffusers' Ulysses context parallelism (``enable_parallelism`` before
+``apply``) gets the group of its processors' parallel config (``parallel``); every rank applies
+tailattn to its own copy of the model and keeps its own handle.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from ...methods import BoundMethod, Granularity, Method, registry
 from .models import ModelKind, find_transformers
+from .parallel import Ulysses, ulysses_of
 from .processors import TailProcessor
 from .runtime import LayerCall, LayerRoute, Observer, Runtime
 from .schedule import KeepSchedule, Schedule, check_layers
@@ -64,6 +69,8 @@ class Handle:
         models: the patched transformers (index = ``model`` in :class:`LayerCall`).
         method: the canonical method spec.
         layers: patched layer indices per transformer.
+
+    ``ulysses``: per transformer, its Ulysses group under context parallelism, else None.
     """
 
     def __init__(
@@ -71,20 +78,21 @@ class Handle:
         targets: list[tuple[torch.nn.Module, ModelKind]],
         layers: list[frozenset[int]],
         runtime: Runtime,
+        ulysses: list[Ulysses | None],
     ) -> None:
         self.models = tuple(model for model, _ in targets)
         self.method = runtime.bound.spec
         self.layers = tuple(layers)
         self._runtime = runtime
+        self._parallel = any(group is not None for group in ulysses)
         self._originals: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for index, ((model, kind), chosen) in enumerate(zip(targets, layers, strict=True)):
             for layer, attn in enumerate(kind.attention_modules(model)):
                 if layer in chosen:
                     self._originals.append((attn, attn.processor))
-                    attn.set_processor(
-                        kind.processor(attn.processor, LayerRoute(runtime, index, layer))
-                    )
+                    route = LayerRoute(runtime, index, layer, ulysses[index])
+                    attn.set_processor(kind.processor(attn.processor, route))
             hooks = _ForwardHooks(runtime, index, model, kind)
             self._hooks.append(model.register_forward_pre_hook(hooks.before, with_kwargs=True))
             self._hooks.append(
@@ -116,6 +124,11 @@ class Handle:
         """Show q, k, v of every attention call to ``observer`` (capture sessions)."""
         if not self.active:
             raise ValueError("this handle was removed; apply tailattn again")
+        if self._parallel:
+            raise ValueError(
+                "capture under context parallelism is not supported (each rank sees a part of "
+                "the sequence); capture on one device"
+            )
         self._runtime.observers.append(observer)
 
     def remove_observer(self, observer: Observer) -> None:
@@ -161,11 +174,6 @@ def _check_installable(
                 raise ValueError(
                     f"tailattn is already applied to this {type(model).__name__}; call "
                     f"handle.remove() on the first handle before applying again"
-                )
-            if getattr(processor, "_parallel_config", None) is not None:
-                raise ValueError(
-                    f"layer {layer} of {type(model).__name__} runs context-parallel attention; "
-                    f"tailattn supports single-device attention only (disable parallelism first)"
                 )
             if type(processor).__name__ not in kind.stock_processors:
                 raise ValueError(
@@ -242,7 +250,12 @@ def apply(
     Raises:
         TypeError: an unsupported model class, or not a model or pipeline.
         ValueError: a pipeline without a transformer, layer indices out of range, tailattn
-            already applied, an unknown method or parameter, keep outside (0, 1].
+            already applied, an unknown method or parameter, keep outside (0, 1], a context
+            parallel configuration other than Ulysses on Wan (``parallel``).
+
+    Under diffusers' Ulysses context parallelism (``enable_parallelism`` first, then ``apply``
+    on every rank), each rank runs the method on its heads over the whole sequence
+    (``parallel``); ``handle.calls`` and ``handle.states`` are this rank's.
     """
     targets = find_transformers(model_or_pipeline)
     counts = [len(kind.attention_modules(model)) for model, kind in targets]
@@ -263,6 +276,10 @@ def apply(
     if keep_schedule is not None and bound.keep is None:
         raise ValueError("keep_schedule needs a budgeted method and keep= for the steps before it")
     _check_installable(targets, chosen)
+    ulysses = [
+        ulysses_of(model, kind, layers)
+        for (model, kind), layers in zip(targets, chosen, strict=True)
+    ]
     states = StateStore(bound.new_state if bound.stateful else None)
     runtime = Runtime(bound, schedule, states)
-    return Handle(targets, chosen, runtime)
+    return Handle(targets, chosen, runtime, ulysses)

@@ -85,10 +85,15 @@ def dense_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     backend: object,
+    parallel_config: object = None,
 ) -> torch.Tensor:
-    """Dense attention through diffusers' dispatcher and the stock processor's backend."""
+    """Dense attention through diffusers' dispatcher and the stock processor's backend; with
+    the processor's ``parallel_config``, diffusers' own context-parallel attention (q, k, v
+    then hold this rank's tokens, as the stock processor passes them). The keyword goes to
+    diffusers only when set: versions before context parallelism (0.35) do not take it."""
+    parallel = {} if parallel_config is None else {"parallel_config": parallel_config}
     return dispatch_attention_fn(
-        q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend
+        q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend, **parallel
     )
 
 

@@ -7,7 +7,9 @@ stock output projections. Tensors go to the route in the diffusers layout (B, N,
 model's token order; the route returns the attention output in the same form.
 
 The processors hold no state of their own beyond the replaced stock processor (given back by
-``Handle.remove()``) and its attention backend, which the dense path keeps using.
+``Handle.remove()``) and its attention backend, which the dense path keeps using. Their
+``_parallel_config`` is the stock processor's (read and written through), and goes to the route
+with every call (context parallelism: ``parallel``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Route(Protocol):
         order: TokenOrder,
         mask: torch.Tensor | None,
         backend: object,
+        parallel_config: object = None,
     ) -> torch.Tensor: ...
 
 
@@ -42,6 +45,22 @@ class TailProcessor:
         self.route = route
         self._attention_backend = getattr(stock, "_attention_backend", None)
 
+    @property
+    def _parallel_config(self) -> object:
+        """The stock processor's parallel config (diffusers' ``ParallelConfig`` or None).
+
+        diffusers' ``enable_parallelism`` sets ``_parallel_config`` on every processor that has
+        one; through this property it lands on the stock processor, so that the stock
+        processor ``Handle.remove()`` gives back is configured as diffusers meant, and the next
+        call of this processor sees the change (``parallel.check_config``). A stock processor
+        without one (CogVideoX) leaves this attribute missing too, as diffusers expects.
+        """
+        return self.stock._parallel_config  # type: ignore[attr-defined]
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: object) -> None:
+        self.stock._parallel_config = config  # type: ignore[attr-defined]
+
     def _attend(
         self,
         q: torch.Tensor,
@@ -51,7 +70,8 @@ class TailProcessor:
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention output (B, N, H * D) in q's dtype."""
-        out = self.route(q, k, v, order, mask, self._attention_backend)
+        parallel_config = getattr(self, "_parallel_config", None)
+        out = self.route(q, k, v, order, mask, self._attention_backend, parallel_config)
         return out.flatten(2, 3).to(q.dtype)
 
 

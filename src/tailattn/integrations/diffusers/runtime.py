@@ -5,6 +5,9 @@ call (:meth:`Runtime.begin_forward`); each patched layer's :class:`LayerRoute` t
 attend: the runtime places the call (run, step, branch), plans it (dense or sparse at which
 keep, ``schedule``), logs it, offers q, k, v to the capture sessions, and runs dense attention
 (the stock backend) or the sparse method (``joint.joint_attention``) with the layer's state.
+Under diffusers' Ulysses context parallelism the route gets the layer's :class:`~.parallel.Ulysses`
+group: the dense path hands diffusers the parallel config, the sparse path exchanges tokens for
+heads around the method (``parallel``).
 
 The route is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): a compiled
 transformer breaks its graph at each attention call and nowhere else, and the step-dependent
@@ -22,6 +25,7 @@ from ..._checks import check_grid, check_qkv, check_scale
 from ...methods import BoundMethod
 from .clock import StepClock, Tick
 from .joint import SparsePart, TokenOrder, dense_attention, joint_attention
+from .parallel import Ulysses, check_config
 from .schedule import Plan, Schedule
 from .state import StateKey, StateStore
 
@@ -116,11 +120,13 @@ class Runtime:
         order: TokenOrder,
         mask: torch.Tensor | None,
         backend: object,
+        ulysses: Ulysses | None = None,
     ) -> torch.Tensor:
-        """Attention of one layer call, (B, N, H, D) in and out (module docstring)."""
+        """Attention of one layer call, (B, N, H, D) in and out (module docstring); under
+        ``ulysses`` (degree P) this rank's N/P tokens of all H heads in and out."""
         context = self._context(model, layer)
         tick, grid = context.tick, context.grid
-        n_video = k.shape[1] - order.n_text
+        n_video = k.shape[1] * (1 if ulysses is None else ulysses.degree) - order.n_text
         try:
             check_grid(grid, n_video)
         except ValueError as err:
@@ -147,7 +153,9 @@ class Runtime:
         for observer in self.observers:
             observer.observe(layer, tick, grid, q, k, v, order, mask)
         if plan.dense:
-            return dense_attention(q, k, v, mask, backend)
+            return dense_attention(
+                q, k, v, mask, backend, None if ulysses is None else ulysses.config
+            )
         state = (
             self.states.get_or_create(StateKey(model, layer, tick.branch))
             if self.states.wanted
@@ -155,9 +163,12 @@ class Runtime:
         )
         if isinstance(getattr(state, "step", None), int):
             state.step = tick.step  # the diffusion step, not the count of sparse calls
-        return joint_attention(
-            q, k, v, order, self._sparse(plan, grid, state), mask=mask, backend=backend
-        )
+        sparse = self._sparse(plan, grid, state)
+        if ulysses is None:
+            return joint_attention(q, k, v, order, sparse, mask=mask, backend=backend)
+        q, k, v = ulysses.to_heads(q, k, v)  # (B, N, H/P, D): all tokens of this rank's heads
+        out = joint_attention(q, k, v, order, sparse, mask=mask, backend=backend)
+        return ulysses.to_tokens(out)
 
     def _bound_at(self, keep: float | None) -> BoundMethod:
         """The method bound at this keep ratio (bound once per keep the schedule uses)."""
@@ -197,12 +208,16 @@ def run_method(
 
 
 class LayerRoute:
-    """A patched layer's way into its runtime; called by the processor, never traced."""
+    """A patched layer's way into its runtime; called by the processor, never traced.
+    ``ulysses``: the transformer's Ulysses group as ``apply()`` found it (None: one device)."""
 
-    def __init__(self, runtime: Runtime, model: int, layer: int) -> None:
+    def __init__(
+        self, runtime: Runtime, model: int, layer: int, ulysses: Ulysses | None = None
+    ) -> None:
         self.runtime = runtime
         self.model = model
         self.layer = layer
+        self.ulysses = ulysses
 
     @torch.compiler.disable
     def __call__(
@@ -213,5 +228,11 @@ class LayerRoute:
         order: TokenOrder,
         mask: torch.Tensor | None,
         backend: object,
+        parallel_config: object = None,
     ) -> torch.Tensor:
-        return self.runtime.route(self.model, self.layer, q, k, v, order, mask, backend)
+        """``parallel_config``: the processor's ``_parallel_config`` now; it must be the one
+        ``apply()`` saw (``parallel.check_config``)."""
+        check_config(parallel_config, self.ulysses, self.layer)
+        return self.runtime.route(
+            self.model, self.layer, q, k, v, order, mask, backend, self.ulysses
+        )
