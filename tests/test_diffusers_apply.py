@@ -282,3 +282,11 @@ def test_budgeted_methods_get_the_default_keep_and_explicit_none_means_none():
     assert handle.calls[0].keep is None
     with pytest.raises(ValueError, match="keep must be a number"):
         apply(model, "block-topk+uta", keep="lots")
+
+
+def test_the_default_method_is_block_topk_uta_at_keep_0_1():
+    model = wan(num_layers=1)
+    with apply(model) as handle:
+        run(model, wan_inputs(700.0))
+    assert handle.method == "block-topk+uta"
+    assert [(c.dense, c.keep) for c in handle.calls] == [(False, 0.1)]

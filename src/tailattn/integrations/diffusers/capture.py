@@ -81,6 +81,7 @@ class CaptureSession:
         meta: dict[str, Any],
         owns_handle: bool = False,
     ) -> None:
+        handle.check_observable()  # before anything: capture() then removes its own handle
         self.patched = patched = frozenset.intersection(*handle.layers)
         self.layers = _indices(layers, "layers")
         missing = sorted((self.layers or patched) - patched)

@@ -120,8 +120,8 @@ class Handle:
         call log and the per-layer states."""
         self._runtime.reset()
 
-    def add_observer(self, observer: Observer) -> None:
-        """Show q, k, v of every attention call to ``observer`` (capture sessions)."""
+    def check_observable(self) -> None:
+        """Raise unless observers (capture sessions) can watch this handle's calls."""
         if not self.active:
             raise ValueError("this handle was removed; apply tailattn again")
         if self._parallel:
@@ -129,6 +129,10 @@ class Handle:
                 "capture under context parallelism is not supported (each rank sees a part of "
                 "the sequence); capture on one device"
             )
+
+    def add_observer(self, observer: Observer) -> None:
+        """Show q, k, v of every attention call to ``observer`` (capture sessions)."""
+        self.check_observable()
         self._runtime.observers.append(observer)
 
     def remove_observer(self, observer: Observer) -> None:
@@ -183,12 +187,10 @@ def _check_installable(
                 )
 
 
-DEFAULT_METHOD = "dfs+uta"
-"""The method of ``apply()`` when none is given: the best measured quality at keep 0.1 among the
-methods whose transformer step is within 5 % of block-topk+drop (BENCHMARKS.md, docs/diffusers.md:
-MSE 3.03e-2 against 3.42e-2 for block-topk+uta on synthetic Wan2.1-1.3B attention; 1.80x per
-Wan2.1-1.3B step on an H200, 2026-11-30). DFSAttn's own schedule applies: dense for the first 12
-diffusion steps, mask rebuilt at steps 12, 24, 36 and reused in between."""
+DEFAULT_METHOD = "block-topk+uta"
+"""The method of ``apply()`` when none is given: of the methods whose transformer step is within
+5 % of block-topk+drop, the one whose quality was measured as it runs, on both data sets the
+project has (docs/diffusers.md#the-default-block-topkuta-at-keep-01)."""
 DEFAULT_KEEP = 0.1
 """The keep ratio of budgeted methods when ``apply()`` gets none."""
 
