@@ -140,5 +140,5 @@ def test_dispatcher(monkeypatch):
         use_triton(torch.zeros(1, 1, 8, 512, device=DEVICE), "triton")
     if not CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(ValueError, match="x is on cpu, not CUDA"):
+        with pytest.raises(ValueError, match="k-means: the inputs are on cpu, not CUDA"):
             use_triton(x, "triton")

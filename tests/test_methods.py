@@ -141,3 +141,23 @@ def test_a_block_tail_without_a_kernel_form_runs_on_the_reference(skewed):
         q, k, v, "block-topk(block_q=16, block_k=16)+uta", keep=0.5, scale=0.25
     )
     assert 0 < float((out - uta).abs().max()) < 1
+
+
+def test_a_class_that_lacks_its_protocol_is_refused_at_registration():
+    registry = Registry()
+
+    @dataclass(frozen=True)
+    class NoLayout:
+        keep: float = 0.1
+
+    with pytest.raises(TypeError, match=r"lacks __call__, block_q, block_k \(BlockSelection"):
+        registry.selection("no-layout", granularity="block")(NoLayout)
+    with pytest.raises(TypeError, match=r"lacks attend \(FusedSelection"):
+        registry.selection("no-attend", granularity="fused")(NoLayout)
+
+    @dataclass(frozen=True)
+    class NoTokens:
+        pass
+
+    with pytest.raises(TypeError, match="lacks prepare, tokens, epilogue, kernel"):
+        registry.tail("no-tokens", granularity="block")(NoTokens)

@@ -71,24 +71,24 @@ def _triton_installed() -> bool:
 def choose_kernel(
     backend: str | None,
     tensors: tuple[torch.Tensor, ...],
-    tail: Any,
     unsupported: Callable[[], str | None],
+    *,
+    what: str = "",
 ) -> bool:
     """Whether to run a Triton kernel: always with ``backend="triton"`` (an error naming the
     reason when it cannot), on CUDA by default, never with ``backend="reference"``.
 
     The kernels are forward-only, so inputs that need gradients (autograd on, some tensor with
-    ``requires_grad``) take the reference path, which differentiates; a tail without a kernel
-    form (``tail.kernel`` is None) too. ``unsupported()`` says why the kernel cannot take the
-    inputs otherwise (``None`` when it can)."""
+    ``requires_grad``) take the reference path, which differentiates. ``unsupported()`` says why
+    the kernel cannot take the inputs otherwise (``None`` when it can); ``what`` names the work
+    in the error message."""
+    check_backend(backend)
     q = tensors[0]
     if backend == "reference" or (backend is None and q.device.type != "cuda"):
         return False
     reason = None
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         reason = "the inputs need gradients and the kernels are forward-only"
-    elif getattr(tail, "kernel", None) is None:
-        reason = f"tail {type(tail).__name__} has no kernel form (its kernel is None)"
     elif not _triton_installed():
         reason = "Triton is not installed"
     elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -96,7 +96,7 @@ def choose_kernel(
     else:
         reason = unsupported()
     if reason is not None and backend == "triton":
-        raise ValueError(f"backend='triton' cannot run: {reason}")
+        raise ValueError(f"backend='triton' cannot run{' ' + what if what else ''}: {reason}")
     return reason is None and (backend == "triton" or q.device.type == "cuda")
 
 
@@ -111,9 +111,16 @@ def use_kernel(
     def unsupported() -> str | None:
         from .kernels import unsupported_reason
 
-        return unsupported_reason(tensors[0], tensors[2], layout)
+        return tail_unsupported(tail) or unsupported_reason(tensors[0], tensors[2], layout)
 
-    return choose_kernel(backend, tensors, tail, unsupported)
+    return choose_kernel(backend, tensors, unsupported)
+
+
+def tail_unsupported(tail: Any) -> str | None:
+    """Why a block tail cannot run on the kernels: it declares no kernel form."""
+    if getattr(tail, "kernel", None) is None:
+        return f"tail {type(tail).__name__} has no kernel form (its kernel is None)"
+    return None
 
 
 @registry.runner(Granularity.DENSE)

@@ -59,6 +59,32 @@ class Granularity(str, Enum):
         return Granularity.BLOCK
 
 
+_CONTRACT: dict[tuple[bool, Granularity], tuple[str, tuple[str, ...]]] = {
+    (False, Granularity.DENSE): ("a dense selection", ()),
+    (False, Granularity.TOKEN): ("TokenSelection", ("__call__",)),
+    (False, Granularity.BLOCK): ("BlockSelection", ("__call__", "block_q", "block_k")),
+    (False, Granularity.FUSED): ("FusedSelection", ("attend",)),
+    (True, Granularity.TOKEN): ("TokenTail", ("__call__",)),
+    (True, Granularity.BLOCK): ("BlockTail", ("prepare", "tokens", "epilogue", "kernel")),
+}
+"""What each kind must provide: the members of its Protocol in :mod:`tailattn.contract`."""
+
+
+def _check_contract(cls: type, granularity: Granularity, *, tail: bool) -> None:
+    """A class registered as a selection or tail of ``granularity`` has its Protocol's members
+    (checked at registration, so a wrong class fails there, not at its first call)."""
+    protocol, members = _CONTRACT[(tail, granularity)]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    defined = {name for base in cls.__mro__[:-1] for name in vars(base)}
+    missing = [m for m in members if m not in defined and m not in fields]
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} is registered as a {granularity.value} "
+            f"{'tail' if tail else 'selection'} but lacks {', '.join(missing)} "
+            f"({protocol} in tailattn.contract)"
+        )
+
+
 def _granularity(value: object) -> Granularity:
     try:
         return Granularity(value)
@@ -340,6 +366,7 @@ class Registry:
             table, key = (self._tails, (name, granularity)) if tail else (self._selections, name)
             if key in table and table[key].factory is not cls:
                 raise ValueError(f"{'tail' if tail else 'selection'} {name!r} is registered twice")
+            _check_contract(cls, granularity, tail=tail)
             table[key] = entry
             return cls
 

@@ -294,14 +294,15 @@ class TileLoop(abc.ABC):
         """The loop on the Triton kernel (CUDA; ``tail.kernel`` inside it, then
         ``tail.epilogue``) or in the PyTorch reference (any device, with the exact
         statistics)."""
-        from ..execute import check_values, choose_kernel
+        from ..execute import check_values, choose_kernel, tail_unsupported
 
         def unsupported() -> str | None:
             from ..kernels.skipping import unsupported_reason
 
-            return unsupported_reason(q, v, tail.kernel, self.block_q, self.block_k)
+            reason = tail_unsupported(tail)
+            return reason or unsupported_reason(q, v, tail.kernel, self.block_q, self.block_k)
 
-        if choose_kernel(backend, (q, k, v), tail, unsupported):
+        if choose_kernel(backend, (q, k, v), unsupported):
             return self._attend_kernel(q, k, v, tail, scale, with_stats)
         check_values(q, k, v)
         return self._attend_reference(q, k, v, tail, scale, with_stats)

@@ -34,8 +34,6 @@ Both are bitwise reproducible on a given device: same input and seed, same resul
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +43,6 @@ from ..permute import permute_tokens
 
 ASSIGN_CHUNK_BYTES = 32 * 2**20
 """Bytes of one (B*H, rows, C) block of distances during the reference assignment step."""
-
-BACKENDS = (None, "reference", "triton")
-"""``None`` picks the Triton kernels for CUDA tensors they can take, the reference otherwise."""
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
@@ -168,11 +163,8 @@ def initial_centroids(x: torch.Tensor, n_clusters: int, seed: int) -> torch.Tens
 
 
 def triton_unsupported(x: torch.Tensor) -> str | None:
-    """Why the Triton k-means cannot take x (``None`` when it can), CUDA or the interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"x is on {x.device.type}, not CUDA (or TRITON_INTERPRET=1 on CPU)"
+    """Why the Triton k-means cannot take x (``None`` when it can), on CUDA or in the
+    interpreter (platform checks: :func:`tailattn.execute.choose_kernel`)."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x is {x.dtype}; the kernels take float16, bfloat16 and float32"
     from ..kernels.kmeans import MAX_HEAD_DIM
@@ -187,19 +179,12 @@ def triton_unsupported(x: torch.Tensor) -> str | None:
 
 
 def use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    """The dispatcher: whether k-means of x runs on the Triton kernels.
+    """The dispatcher: whether k-means of x runs on the Triton kernels
+    (:func:`tailattn.execute.choose_kernel`: ``None`` takes them for CUDA tensors they support;
+    ``"triton"`` insists, a ValueError says why it cannot; ``"reference"`` never takes them)."""
+    from ..execute import choose_kernel
 
-    ``None`` takes them for CUDA tensors they support; ``"triton"`` insists (a ValueError
-    says why it cannot); ``"reference"`` never takes them.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return False
-    reason = triton_unsupported(x)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot run k-means: {reason}")
-    return reason is None and (backend == "triton" or x.device.type == "cuda")
+    return choose_kernel(backend, (x,), lambda: triton_unsupported(x), what="k-means")
 
 
 def _lloyd_reference(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> KMeansResult:

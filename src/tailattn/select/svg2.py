@@ -49,10 +49,11 @@ from typing import Any
 import torch
 
 from .._checks import check_fraction, check_positive
+from ..execute import BACKENDS
 from ..layout import BlockLayout, num_blocks
 from ..methods import registry
 from .blocks import block_budget, check_block_size, top_mass_counts
-from .kmeans import BACKENDS, KMeansResult, kmeans
+from .kmeans import KMeansResult, kmeans
 
 WAN720P_TOKENS = 75_600
 WAN720P_Q_CLUSTERS = 300
