@@ -109,3 +109,16 @@ def test_any_core_module_imports_first(module):
     # no import cycle, whichever module a user (or the registry) imports first
     code = f"import {module}; from tailattn.methods import registry; registry.tails('block')"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_kernels_load_no_reference_and_no_selection_code():
+    # transitively: what importing every kernel module pulls in
+    pytest.importorskip("triton")
+    modules = [f"tailattn.kernels.{p.stem}" for p in (PACKAGE / "kernels").glob("*.py")]
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys; import {', '.join(modules)}; print(*sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert not [m for m in loaded if m.startswith(("tailattn.reference", "tailattn.select"))]

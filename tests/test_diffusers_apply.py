@@ -290,3 +290,13 @@ def test_the_default_method_is_block_topk_uta_at_keep_0_1():
         run(model, wan_inputs(700.0))
     assert handle.method == "block-topk+uta"
     assert [(c.dense, c.keep) for c in handle.calls] == [(False, 0.1)]
+
+
+def test_svg2_treats_each_batch_item_alone_inside_a_model():
+    # guidance as a batch of 2 with the same input twice: both items must come out the same
+    model = wan(num_layers=2)
+    one = wan_inputs(700.0, frames=3, height=16, width=16)
+    two = {key: torch.cat([value, value]) for key, value in one.items()}
+    with apply(model, "svg2(block_q=16, block_k=16)+uta", keep=0.3):
+        out = run(model, two)
+    assert torch.equal(out[0], out[1])

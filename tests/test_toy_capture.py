@@ -99,3 +99,14 @@ def test_capture_command_with_the_toy_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "1 entries" in plain(result.output)
     assert [(e.layer, e.step) for e in capture_format.load_capture(out).entries] == [(0, 1)]
+
+
+def test_a_toy_prompt_that_names_no_shape_is_a_one_line_error(tmp_path):
+    app = typer.Typer()
+    app.command("capture")(capture_cli.capture_command)
+    app.command("other")(lambda: None)
+    args = ["capture", "--model", "toy", "--prompt", "dog", "--out", str(tmp_path / "x.st")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--prompt" in plain(result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "x.st").exists()

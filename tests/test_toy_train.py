@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 import torch
+import typer
 
 from diffusers_tiny import one_thread  # noqa: F401
 from tailattn.toy import weights
@@ -54,3 +55,19 @@ def test_a_few_cpu_steps_write_weights_card_and_loss(tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert isinstance(weights.load(tmp_path), ToyModel)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_training_on_a_missing_device_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from tailattn.toy.train import train_command
+
+    app = typer.Typer()
+    app.command("train")(train_command)
+    app.command("other")(lambda: None)
+    args = ["train", "--minutes", "1", "--out", str(tmp_path), "--device", "cuda"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "is not available here" in " ".join(result.output.split())
+    assert not any(tmp_path.iterdir())

@@ -62,12 +62,13 @@ def attention(
             :class:`~tailattn.select.SVG2State` for ``svg2``: k-means centroids to warm-start
             from; a :class:`~tailattn.select.DFSState` for ``dfs``: the mask cache over
             diffusion steps); selections without state ignore it.
-        backend: for block methods, ``"triton"`` (the fused kernel: CUDA, or the Triton
-            interpreter), ``"reference"`` (PyTorch, any device), or ``None`` to use the kernel
-            whenever it can run these inputs (CUDA, Triton installed, block sizes 64/128, head
-            dims 16-128, float16/bfloat16/float32). With the kernel, ``return_info`` reports
-            ``density``, ``lse`` and ``layout`` but not the exact statistics, which need the
-            full logits (use ``backend="reference"`` for them).
+        backend: for block and fused methods, ``"triton"`` (the Triton kernels: CUDA, or the
+            Triton interpreter), ``"reference"`` (PyTorch, any device), or ``None`` to use a
+            kernel whenever it can run these inputs (CUDA, Triton installed, block sizes 64/128,
+            head dims 16, 32, 64 or 128, float16/bfloat16/float32, no gradients needed: the
+            kernels are forward-only, so inputs that require grad take the reference). With a
+            kernel, ``return_info`` reports ``density``, ``lse`` and ``layout`` but not the
+            exact statistics, which need the full logits (use ``backend="reference"``).
         **params: method parameters by name (e.g. ``p=0.9``), as an alternative to writing
             them in the spec; giving one both ways with different values is an error.
 

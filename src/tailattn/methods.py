@@ -85,6 +85,11 @@ def _check_contract(cls: type, granularity: Granularity, *, tail: bool) -> None:
         )
 
 
+def _budgeted(selection: object) -> bool:
+    """A selection class or object takes a keep ratio (a ``keep`` field)."""
+    return any(f.name == "keep" for f in dataclasses.fields(selection))
+
+
 def _granularity(value: object) -> Granularity:
     try:
         return Granularity(value)
@@ -201,7 +206,7 @@ class Entry:
     @property
     def budgeted(self) -> bool:
         """The selection takes a keep ratio."""
-        return "keep" in self.params
+        return _budgeted(self.factory)
 
     def build(self, kind: str, params: Mapping[str, Any]) -> Any:
         unknown = sorted(set(params) - set(self.params))
@@ -261,7 +266,7 @@ class BoundMethod:
     @property
     def budgeted(self) -> bool:
         """The selection takes a keep ratio (``keep=``)."""
-        return any(f.name == "keep" for f in dataclasses.fields(self.selection))
+        return _budgeted(self.selection)
 
     @property
     def keep(self) -> float | None:

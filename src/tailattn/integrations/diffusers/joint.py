@@ -5,7 +5,7 @@ makes only the video-to-video part sparse; text tokens are always kept:
 
 - a video query attends sparsely to the video keys (the method, with its tail) and densely to
   the (unmasked) text keys. The two parts cover disjoint keys, so they merge exactly by
-  log-sum-exp (the merge of ``tailattn.reference.merge``):
+  log-sum-exp (``tailattn.parts.merge_tokens``):
 
       lse = logaddexp(lse_vv, lse_vt),
       o   = e^(lse_vv - lse) o_vv + e^(lse_vt - lse) o_vt;
