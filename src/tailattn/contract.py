@@ -83,6 +83,10 @@ class Result:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class DenseSelection(Protocol):
+    """Dense attention (``full``): a selection with nothing to provide."""
+
+
 @runtime_checkable
 class TokenSelection(Protocol):
     """An oracle selection: it sees the exact logits of a chunk of queries.
@@ -213,3 +217,9 @@ class BlockTail(Protocol):
         (with :attr:`kernel` inside) in, the tail's final out and lse in original token order
         out. Nothing by default: the kernel already merged the tail."""
         return out, lse
+
+
+Selection = TokenSelection | BlockSelection | FusedSelection | DenseSelection
+"""Any kind of selection (what a :class:`~tailattn.methods.BoundMethod` holds)."""
+Tail = TokenTail | BlockTail
+"""Any kind of tail."""

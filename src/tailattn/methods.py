@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .contract import Grid, Result
+    from .contract import Grid, Result, Selection, Tail
 
 
 class Granularity(str, Enum):
@@ -253,8 +253,8 @@ class BoundMethod:
     """
 
     method: Method
-    selection: Any
-    tail: Any
+    selection: Selection
+    tail: Tail
     granularity: Granularity
     runner: Runner = field(repr=False)
 

@@ -30,6 +30,9 @@ from .state import StateKey, StateStore
 
 
 def _timestep_value(timestep: object) -> float:
+    """The timestep of a transformer call as a number, for the step clock (``clock``). A tensor
+    timestep on the GPU costs one host-device sync per transformer call (not per attention
+    call): the clock decides on the host which step and branch a call is."""
     if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
         return float(timestep.detach().max())
     if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):

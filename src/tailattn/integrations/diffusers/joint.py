@@ -146,7 +146,8 @@ def joint_attention(
         if keys.device.type == "cpu":
             if not bool(video_keys):
                 raise ValueError(why)
-        else:  # a device-side assertion: checked without stopping the host (no sync)
+        else:  # a device-side assertion: checked without stopping the host (no sync); when it
+            # fires, CUDA reports it at a later call and the CUDA context cannot be used again
             torch._assert_async(video_keys, why)
     if order.n_text == 0:
         out, _ = sparse(q, k, v, False)
