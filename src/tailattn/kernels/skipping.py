@@ -46,7 +46,8 @@ Tails (the skipped tiles of a query tile are its dropped key blocks):
 Per call, before the kernel (one read of K and V): kbar_j and rad_j (:func:`_key_tile_stats`),
 the tiles' key and value sums or means (:func:`tailattn.kernels.pooling.block_sums`), all in
 float32, and for ``recall`` the visiting order (an argsort of the pooled logits). In the loop,
-q_i . kbar_j runs on the tensor cores (:func:`_row_dot`), with no float32 copy of q kept live.
+q_i . kbar_j of the recall bound and of the UTA token runs on the tensor cores
+(:func:`_row_dot`), with no float32 copy of q kept live; a BLOCKS token's is a float32 sum.
 
 Output: O = acc / (l + tm) in the input dtype, lse = (m + log2(l + tm)) ln 2 in float32.
 """
@@ -108,12 +109,16 @@ def _row_dot(q, x, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.co
 @triton.jit
 def _pooled_token(
     q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Fold the token (s q.kbar_j + log n_j, vbar_j) of a skipped tile into the tail mass tm
-    and acc, in the scale of m (``BLOCKS``)."""
+    and acc, in the scale of m (``BLOCKS``).
+
+    q.kbar_j is a float32 multiply-and-sum, not :func:`_row_dot`: inside the skip branch of
+    :func:`_qk_tile` the tensor-core form came out wrong for half-precision inputs at
+    ``num_warps=4`` (Triton 3.6 on an H200: relative error 0.21 against the float64 reference,
+    2e-3 at ``num_warps=8``); the test of every launch config guards it."""
     kbar = tl.load(kbar_row + offs_d)
-    logit = _row_dot(q, kbar, BLOCK_M, PRECISION, UPCAST) * scale_log2
+    logit = tl.sum(q.to(tl.float32) * kbar[None, :], axis=1) * scale_log2
     p = tl.math.exp2(logit + tl.math.log2(n_j.to(tl.float32)) - m_i)
     vbar = tl.load(vbar_row + offs_dv)
     return tm_i + p, acc + p[:, None] * vbar[None, :]
@@ -155,8 +160,7 @@ def _qk_tile(
             sigma += mass
         if TAIL == TAIL_BLOCKS:
             tm_i, acc = _pooled_token(
-                q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
-                BLOCK_M, PRECISION, UPCAST,
+                q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2
             )  # fmt: skip
         tl.store(fate, _NO_PV)
     else:
@@ -239,8 +243,7 @@ def _skipping_fwd(
                 sigma += bound
                 if TAIL == TAIL_BLOCKS:
                     tm_i, acc = _pooled_token(
-                        q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2,
-                        BLOCK_M, PRECISION, UPCAST,
+                        q, m_i, tm_i, acc, kbar_row, vbar_row, n_j, offs_d, offs_dv, scale_log2
                     )  # fmt: skip
                 tl.store(Fate + tile_row + j, _UNSEEN)
             else:
@@ -287,14 +290,15 @@ def _skipping_fwd(
     tl.store(Lse + bh64 * N_Q + offs_m, lse, mask=row_ok)
 
 
-def _configs() -> list[triton.Config]:
-    """BLOCK_M and BLOCK_N are the tile sizes the decisions are made for (block_q, block_k):
-    a tile's rowmax and mass are needed before its P.V, so BLOCK_N cannot be a part of it."""
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+def launch_configs() -> list[dict[str, int]]:
+    """The launch options autotuning chooses from. BLOCK_M and BLOCK_N are not among them:
+    they are the tile sizes the decisions are made for (block_q, block_k), and a tile's rowmax
+    and mass are needed before its P.V."""
+    return [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (2, 3)]
 
 
 _skipping_fwd_tuned = triton.autotune(
-    configs=_configs(),
+    configs=[triton.Config({}, **options) for options in launch_configs()],
     key=["HEAD_D", "HEAD_DV", "RULE", "TAIL", "BLOCK_M", "BLOCK_N", "PRECISION"],
 )(_skipping_fwd)
 
