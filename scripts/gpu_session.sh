@@ -6,8 +6,9 @@
 # Stages: env (versions), tests (the GPU test files: kernels for real, sync-freedom, CUDA
 # graphs), suite (every test), skip (in-loop skipping on synthetic attention), calls (per-call
 # table; calls-old: the same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B
-# and the HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p). Wheels in .whl (diffusers for the GPU image) are
-# installed first when present. Every stage appends to $OUT/log.txt.
+# and the HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
+# e2e-14b-compiled (the same with compile_repeated_blocks()). Wheels in .whl (diffusers for the
+# GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -25,9 +26,10 @@ for stage in "$@"; do
       python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__, torch.cuda.get_device_name())" 2>&1 | log
       ;;
     tests)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu_fast_path.py \
-        tests/test_svg2.py tests/test_skipping_kernel.py tests/test_kernels.py \
-        tests/test_kmeans_kernel.py 2>&1 | tail -60 | log
+      # ~2 min of Triton compiles per file on an H200; SIGINT lets pytest print its summary
+      timeout -s INT 420 python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=20 \
+        tests/test_gpu_fast_path.py tests/test_svg2.py tests/test_skipping_kernel.py \
+        tests/test_kernels.py tests/test_kmeans_kernel.py 2>&1 | tail -60 | log
       ;;
     suite)
       timeout 420 python3 -m pytest -q -p no:cacheprovider --maxfail=30 tests 2>&1 | tail -40 | log
@@ -49,6 +51,10 @@ for stage in "$@"; do
     e2e-compiled)
       timeout 400 python3 -m tailattn.bench.e2e --models wan-1.3b-480p --modes compiled \
         --json "$OUT/e2e_compiled.json" 2>&1 | log
+      ;;
+    e2e-14b-compiled)
+      timeout 540 python3 -m tailattn.bench.e2e --models wan-14b-720p --reps 2 --modes compiled \
+        --methods "block-topk+drop@0.1;block-topk+uta@0.1" --json "$OUT/e2e_14b_compiled.json" 2>&1 | log
       ;;
     e2e-14b)
       timeout 480 python3 -m tailattn.bench.e2e --models wan-14b-720p --reps 2 --modes eager \
