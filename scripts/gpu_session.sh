@@ -4,9 +4,10 @@
 #   bash scripts/gpu_session.sh STAGE...      (run from the repository root on the GPU machine)
 #
 # Stages: env (versions), tests (the GPU test files: kernels for real, sync-freedom, CUDA
-# graphs), suite (every test), skip (in-loop skipping on synthetic attention), calls (per-call
-# table; calls-old: the same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B
-# and the HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
+# graphs), suite (every test), skip (in-loop skipping on synthetic attention; skip-toy: on a
+# capture of the toy model, layer 3 at step 10 of 20), calls (per-call table; calls-old: the
+# same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B and the
+# HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
 # e2e-14b-compiled (the same with compile_repeated_blocks()). Wheels in .whl (diffusers for the
 # GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
 set -uo pipefail
@@ -36,6 +37,12 @@ for stage in "$@"; do
       ;;
     skip)
       timeout 240 python3 -m tailattn.bench.skipping --json "$OUT/skip_synthetic.json" 2>&1 | log
+      ;;
+    skip-toy)
+      timeout 120 python3 -m tailattn capture --model toy --prompt disc --layers 3 --steps 10 \
+        --num-steps 20 --out /tmp/toy_l3s10.safetensors 2>&1 | tail -3 | log
+      timeout 240 python3 -m tailattn.bench.skipping --source /tmp/toy_l3s10.safetensors \
+        --json "$OUT/skip_toy.json" 2>&1 | log
       ;;
     calls)
       timeout 240 python3 -m tailattn.bench.calls --json "$OUT/calls_new.json" 2>&1 | log
