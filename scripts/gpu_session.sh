@@ -8,8 +8,8 @@
 # capture of the toy model, layer 3 at step 10 of 20), calls (per-call table; calls-old: the
 # same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B and the
 # HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
-# e2e-14b-compiled (the same with compile_repeated_blocks()). Wheels in .whl (diffusers for the
-# GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
+# e2e-14b-compiled (block-topk+drop and +uta at keep 0.1, compile_repeated_blocks()). Wheels
+# in .whl (diffusers for the GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -28,7 +28,7 @@ for stage in "$@"; do
       ;;
     tests)
       # ~2 min of Triton compiles per file on an H200; SIGINT lets pytest print its summary
-      timeout -s INT 420 python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=20 \
+      timeout -s INT -k 30 420 python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=20 \
         tests/test_gpu_fast_path.py tests/test_svg2.py tests/test_skipping_kernel.py \
         tests/test_kernels.py tests/test_kmeans_kernel.py 2>&1 | tail -60 | log
       ;;
@@ -40,7 +40,7 @@ for stage in "$@"; do
       ;;
     skip-toy)
       timeout 120 python3 -m tailattn capture --model toy --prompt disc --layers 3 --steps 10 \
-        --num-steps 20 --out /tmp/toy_l3s10.safetensors 2>&1 | tail -3 | log
+        --num-steps 20 --out /tmp/toy_l3s10.safetensors 2>&1 | tail -3 | log &&
       timeout 240 python3 -m tailattn.bench.skipping --source /tmp/toy_l3s10.safetensors \
         --json "$OUT/skip_toy.json" 2>&1 | log
       ;;
