@@ -103,14 +103,23 @@ def test_update_moves_to_means_and_keeps_empty_clusters():
     assert float((moved.norms.double() - norms).abs().max() / norms.max()) < 1e-6
 
 
-def test_kmeans_on_the_kernels_equals_the_reference():
-    # Started near the true centers: from the seeded start two centroids can share a cluster,
-    # and then the tf32 dot of float32 inputs on the GPU may split it unlike the reference.
+@pytest.mark.parametrize("start", ["near", "seeded"])
+def test_kmeans_on_the_kernels_equals_the_reference(start):
+    # "near": started near the true centers. "seeded": the stratified start, where two
+    # centroids can share a cluster (empty clusters, reassignment over iterations); the tf32
+    # dot of float32 inputs on the GPU may then split that cluster unlike the reference, so
+    # it is compared in the interpreter (float32 dots) only.
+    if start == "seeded" and CUDA:
+        pytest.skip("the seeded start is compared in float32 arithmetic (TRITON_INTERPRET=1)")
     x, centers = separated(n=160, d=64, c=7, seed=5)
     gen = torch.Generator().manual_seed(0)
-    start = centers.cpu() + 0.5 * torch.randn(centers.shape, generator=gen)
-    fast = kmeans(x, 7, 3, init=start.to(DEVICE), backend="triton")
-    ref = kmeans(x.cpu(), 7, 3, init=start.cpu(), backend="reference")
+    init = centers.cpu() + 0.5 * torch.randn(centers.shape, generator=gen)
+    if start == "near":
+        fast = kmeans(x, 7, 3, init=init.to(DEVICE), backend="triton")
+        ref = kmeans(x.cpu(), 7, 3, init=init, backend="reference")
+    else:
+        fast = kmeans(x, 7, 3, seed=2, backend="triton")
+        ref = kmeans(x.cpu(), 7, 3, seed=2, backend="reference")
     for name in ("labels", "sizes", "perm"):
         assert torch.equal(getattr(fast, name).cpu(), getattr(ref, name)), name
     assert float((fast.centroids.cpu() - ref.centroids).abs().max()) < 1e-5
