@@ -31,15 +31,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def wan(num_layers: int = 2, seed: int = 0, i2v: bool = False) -> WanTransformer3DModel:
+def wan(
+    num_layers: int = 2,
+    seed: int = 0,
+    i2v: bool = False,
+    heads: int = HEADS,
+    head_dim: int = HEAD_DIM,
+) -> WanTransformer3DModel:
     """Wan T2V, or with ``i2v`` Wan I2V: image tokens in cross-attention, latents with the
     conditioning channels concatenated (2 * CHANNELS in)."""
     torch.manual_seed(seed)
-    image = {"image_dim": 16, "added_kv_proj_dim": HEADS * HEAD_DIM} if i2v else {}
+    image = {"image_dim": 16, "added_kv_proj_dim": heads * head_dim} if i2v else {}
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
         in_channels=2 * CHANNELS if i2v else CHANNELS,
         out_channels=CHANNELS,
         text_dim=32,

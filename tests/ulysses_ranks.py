@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
 
+import diffusers_tiny
 from tailattn.integrations.diffusers import apply
 from tailattn.integrations.diffusers.parallel import Ulysses
 
@@ -48,19 +49,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "multi_gpu_wan.py"
 
 def wan(heads: int = HEADS, seed: int = 0) -> WanTransformer3DModel:
     """A three-layer Wan with ``heads`` heads of dimension 32."""
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=HEAD_DIM,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=LAYERS,
-        rope_max_seq_len=32,
-    ).eval()
+    return diffusers_tiny.wan(num_layers=LAYERS, seed=seed, heads=heads, head_dim=HEAD_DIM)
 
 
 def inputs(timestep: float, branch: int = 0) -> dict[str, Any]:
