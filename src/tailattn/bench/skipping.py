@@ -2,8 +2,9 @@
 attention and block-topk+uta, with time, density, error and achieved recall in one run.
 
 Data: the synthetic video attention of a preset (``tailattn.data.synthetic``, every head of
-the preset, bf16 on the GPU), or a capture file (``--capture``, e.g. one written by
-``tailattn capture --model toy``). Per method: the median time of one call through
+the preset, bf16 on the GPU), or one entry of a capture file (``--source FILE``, e.g. one
+written by ``tailattn capture --model toy``; ``--layer`` and ``--step`` pick the entry, default the
+first). Per method: the median time of one call through
 ``tailattn.attention``, the measured density (keys whose P.V ran; for ``recall`` also those whose
 QK ran), the MSE against exact attention (our dense kernel in float32 accumulation), and for the
 ``drop`` runs the smallest achieved recall over all query rows, ``exp(lse_kept - lse_full)``.
@@ -30,6 +31,8 @@ SKIP_METHODS: tuple[tuple[str, dict], ...] = (
     ("recall", {"recall": 0.99}),
     ("recall+uta", {"recall": 0.95}),
     ("blasst+uta", {"lam": 1e-3}),
+    ("recall+blocks", {"recall": 0.95}),
+    ("blasst+blocks", {"lam": 1e-3}),
 )
 
 
@@ -49,8 +52,16 @@ class SkipRow:
         return asdict(self)
 
 
-def load(source: str, heads: Sequence[int] | None, device: str) -> tuple[torch.Tensor, ...]:
-    """q, k, v (1, H, N, D) bf16 on ``device`` from ``synthetic:PRESET`` or a capture file."""
+def load(
+    source: str,
+    heads: Sequence[int] | None,
+    device: str,
+    *,
+    layer: int | None = None,
+    step: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v (1, H, N, D) bf16 on ``device`` from ``synthetic:PRESET`` or a capture file (its
+    first entry with the given ``layer`` and ``step``, either left out: any)."""
     if source.startswith("synthetic"):
         from ..data.synthetic import SyntheticSource
 
@@ -63,7 +74,14 @@ def load(source: str, heads: Sequence[int] | None, device: str) -> tuple[torch.T
         )
     from ..capture_file import load_capture
 
-    entry = load_capture(source).entries[0]
+    entries = [
+        e
+        for e in load_capture(source).entries
+        if (layer is None or e.layer == layer) and (step is None or e.step == step)
+    ]
+    if not entries:
+        raise SystemExit(f"{source} has no entry with layer {layer} and step {step}")
+    entry = entries[0]
     q, k, v = (entry.tensor(name) for name in ("q", "k", "v"))
     if heads is not None:
         q, k, v = (x[:, list(heads)] for x in (q, k, v))
@@ -167,10 +185,12 @@ def main() -> None:  # pragma: no cover - a GPU benchmark entry point
     parser = argparse.ArgumentParser(description="in-loop skipping on structured attention")
     parser.add_argument("--source", default="synthetic:wan-1.3b-480p")
     parser.add_argument("--heads", default=None, help="comma list (default all)")
+    parser.add_argument("--layer", type=int, default=None, help="capture entry's layer")
+    parser.add_argument("--step", type=int, default=None, help="capture entry's step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     heads = None if args.heads is None else [int(x) for x in args.heads.split(",")]
-    q, k, v = load(args.source, heads, "cuda")
+    q, k, v = load(args.source, heads, "cuda", layer=args.layer, step=args.step)
     rows = run(q, k, v, progress=print)
     print(to_markdown(rows, f"{args.source} {tuple(q.shape)} on {torch.cuda.get_device_name()}"))
     if args.json:
