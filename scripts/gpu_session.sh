@@ -60,7 +60,7 @@ for stage in "$@"; do
         --json "$OUT/e2e_compiled.json" 2>&1 | log
       ;;
     e2e-14b-compiled)
-      timeout 540 python3 -m tailattn.bench.e2e --models wan-14b-720p --reps 2 --modes compiled \
+      timeout 500 python3 -m tailattn.bench.e2e --models wan-14b-720p --warmup 1 --reps 2 --modes compiled \
         --methods "block-topk+drop@0.1;block-topk+uta@0.1" --json "$OUT/e2e_14b_compiled.json" 2>&1 | log
       ;;
     e2e-14b)

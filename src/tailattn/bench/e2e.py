@@ -338,6 +338,7 @@ def main() -> None:  # pragma: no cover - a GPU benchmark entry point
     parser.add_argument("--models", default="wan-1.3b-480p", help="comma list of MODELS")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--methods", default=None, help="spec@keep list, ';'-separated")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compiles first)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -349,7 +350,14 @@ def main() -> None:  # pragma: no cover - a GPU benchmark entry point
         )
     rows: list[StepRow] = []
     for name in args.models.split(","):
-        rows += run(name, methods, modes=args.modes.split(","), reps=args.reps, progress=print)
+        rows += run(
+            name,
+            methods,
+            modes=args.modes.split(","),
+            warmup=args.warmup,
+            reps=args.reps,
+            progress=print,
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([r.as_dict() for r in rows], f, indent=1)
