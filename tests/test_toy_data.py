@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from tailattn.toy import data, scene
+from threads import one_thread  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"frames": 4, "size": 16}
 
 
