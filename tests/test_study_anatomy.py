@@ -13,7 +13,9 @@ def test_uniform_rows_put_their_mass_by_the_number_of_keys():
     1 frame and 3 tokens, 64 in its frame; text tokens count as neither."""
     grid, n = (3, 8, 8), 3 * 8 * 8 + 2
     rows = torch.tensor([0, 2 * 64 + 7 * 8 + 7])  # (0, 0, 0) and (2, 7, 7)
-    chunk = Chunk(rows, torch.zeros(2, n, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64))
+    chunk = Chunk(
+        rows, torch.zeros(2, n, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    )
     stats = locality(chunk, grid)
     assert stats["local_mass"].tolist() == [32 / n, 32 / n]
     assert stats["frame_mass"].tolist() == [64 / n, 64 / n]
