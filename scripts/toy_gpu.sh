@@ -19,9 +19,12 @@
 #      and heads), then scripts/toy_anatomy.py;
 #   2. GPU: scripts/toy_report.py (frame classifier, sample quality at the default guidance and
 #      at 1, every selection x tail at keep 0.1, 0.2, 0.3), starting no new method after
-#      REPORT_MINUTES (default 4);
+#      REPORT_MINUTES (default 4.5);
+#   every measurement is stopped REPORT_SECONDS (default 330) after the wait (what it wrote by
+#   then stays); then
 #   3. $OUT: the weight shards and card.json as they are, everything else in toy_results.tar.gz
-#      (train/, report/, anatomy/, study-*/ reports, logs). About 6 minutes in all.
+#      (train/, report/, anatomy/, study-*/ reports, logs). About 6 minutes after the wait: call
+#      it once RUN/train.rc exists, since the wait counts towards the call's own time limit.
 #
 # For a CPU smoke test: DEVICE=cpu, TRAIN_ARGS (e.g. "--config tiny --max-steps 2"),
 # REPORT_ARGS (extra toy_report.py options), PRESETS (synthetic presets, e.g. "small").
@@ -66,17 +69,20 @@ case $stage in
     fi
     tail -4 "$run/train.log"
     cp "$run"/toy-*.safetensors "$run/card.json" "$OUT/"
+    deadline=$(($(date +%s) + ${REPORT_SECONDS:-330}))  # every measurement ends by then
+    left() { echo $((deadline - $(date +%s))); }
     export CUDA_VISIBLE_DEVICES=$gpu
     timeout 180 python3 -m tailattn.toy.capture --out "$work/toy_capture.safetensors" \
       --weights "$run" --device "${DEVICE:-cuda}" > "$work/capture.log" 2>&1
     methods=topk,topk+uta,block-topk,block-topk+uta,block-topk+blocks
     (
       study() {  # NAME SOURCE QUERIES [--heads H]
-        timeout 420 python3 -m tailattn study --source "$2" --queries "$3" "${@:4}" \
+        [ "$(left)" -gt 20 ] || return 0
+        timeout "$(left)" python3 -m tailattn study --source "$2" --queries "$3" "${@:4}" \
           --experiments anatomy,recall,table1 --methods $methods --keep 0.1,0.2,0.3 \
           --out "$work/study-$1" > "$work/study-$1.log" 2>&1
       }
-      study toy "$work/toy_capture.safetensors" 512
+      study toy "$work/toy_capture.safetensors" 256
       compare=()
       for preset in ${PRESETS:-wan-1.3b-480p wan-14b-720p}; do
         heads=()  # the 14B preset: every fourth of its 40 heads
@@ -84,12 +90,12 @@ case $stage in
         study "$preset" "synthetic:$preset" 256 "${heads[@]}"
         compare+=(--preset "$preset=$work/study-$preset/study.json")
       done
-      python3 scripts/toy_anatomy.py --toy "$work/study-toy/study.json" "${compare[@]}" \
+      timeout 30 python3 scripts/toy_anatomy.py --toy "$work/study-toy/study.json" "${compare[@]}" \
         --out "$work/anatomy" > "$work/anatomy.log" 2>&1
     ) &
     cpu_side=$!
-    timeout 420 python3 scripts/toy_report.py --device "${DEVICE:-cuda}" --weights "$run" \
-      --max-minutes "${REPORT_MINUTES:-4}" --out "$work/report" ${REPORT_ARGS:-} \
+    timeout "$(left)" python3 scripts/toy_report.py --device "${DEVICE:-cuda}" --weights "$run" \
+      --max-minutes "${REPORT_MINUTES:-4.5}" --out "$work/report" ${REPORT_ARGS:-} \
       > "$work/report.log" 2>&1
     echo "toy_report exit $?"
     wait $cpu_side
