@@ -83,6 +83,14 @@ def test_a_few_cpu_steps_write_weights_card_and_loss(tmp_path):
     assert log["step"] == [2, 4] and log["stage"] == [0, 1]  # a window closes at a stage change
     assert all(value > 0 for value in log["loss"])
     assert card["training"]["final_loss"] == log["loss"][-1]
+
+
+def test_the_config_records_the_clip_of_the_last_stage(tmp_path):
+    stages = parse_stages("2:8:1:0.5,3:12:1:1")
+    settings = Settings(minutes=2.0, config="tiny", stages=stages, max_steps=2, strip_steps=1)
+    train(settings, tmp_path)
+    config = weights.load(tmp_path).config
+    assert (config.frames, config.size) == (3, 12)
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert isinstance(weights.load(tmp_path), ToyModel)

@@ -3,10 +3,10 @@
 :func:`write_toy_capture` samples one clip, of the size the model was trained on, with the toy
 pipeline (``pipeline.ToyPipeline``, dense attention, float32) inside
 ``tailattn.integrations.diffusers.capture`` and writes the chosen (layer, step) entries,
-(1, H, N, D) each (the shipped model: 8 heads, N = 16,384 on the 16 x 32 x 32 grid, D = 32), to
-a capture file (``tailattn.capture_file``): real attention of a trained video DiT for the study,
+(1, H, N, D) each (the default config: 8 heads, N = 16,384 on the 16 x 32 x 32 grid, D = 32),
+to a capture file (``tailattn.capture_file``): real attention of a trained video DiT for the study,
 with no download. By default: the first, middle and last layer at four steps spread over a
-10-step run (``0, S // 3, 2 S // 3, S - 1``). On a 2-core CPU the shipped model takes about
+10-step run (``0, S // 3, 2 S // 3, S - 1``). On a 2-core CPU the default config takes about
 30 s per step at its training size; with CUDA, seconds in all.
 
     python -m tailattn.toy.capture --out toy.safetensors --device cuda --weights DIR

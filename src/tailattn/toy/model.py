@@ -1,7 +1,7 @@
 r"""The toy video DiT: a diffusers ``WanTransformer3DModel`` in pixel space, label-conditioned.
 
 The transformer is Wan's (patch embedding, 3D RoPE, adaLN modulation from the timestep,
-self-attention, cross-attention, feed-forward) at a small size. The shipped model
+self-attention, cross-attention, feed-forward) at a small size. The default config
 (:meth:`ToyConfig.default`): 8 heads of dim 32, 8 layers, feed-forward 1,024, 9.0 M parameters;
 patch (1, 2, 2) over its training clip of (3, 16, 64, 64) gives a 16 x 32 x 32 grid of
 N = 16,384 tokens (128 key blocks of 128). RoPE works on any grid, so the same weights take

@@ -18,7 +18,7 @@ clips of ``frames x size x size`` in batches of ``batch`` until the fraction ``u
 run; the fraction is of the wall-clock budget, or of ``--max-steps`` when given. The default
 config's schedule (:data:`SCHEDULES`): 16 x 32 x 32 clips (4,096 tokens) in batches of 32 for
 the first 40 %, then its 16 x 64 x 64 clips (16,384 tokens) in batches of 8, the same 131,072
-tokens per step.
+tokens per step. The saved config records the last stage's clip as the model's training clip.
 
 Training stops by wall clock so that the whole run, including saving the weights and sampling
 the frame strip, ends within ``--minutes``. ``DIR`` receives the weight shards (bfloat16 by
@@ -34,7 +34,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -282,7 +282,9 @@ def train(settings: Settings, out: Path) -> Path:
     device = torch.device(settings.device)
     stages = settings.schedule()
     torch.manual_seed(settings.seed)
-    model = ToyModel(ToyConfig.named(settings.config)).to(device).train()
+    last = stages[-1]  # the clip the model is trained on last is the one its config records
+    config = replace(ToyConfig.named(settings.config), frames=last.frames, size=last.size)
+    model = ToyModel(config).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=settings.weight_decay
