@@ -66,7 +66,9 @@ def runs(
 ) -> list[tuple[str, float | None]]:
     """The (spec, keep) pairs to measure: registered selections only, each with the tails of its
     granularity; selections without a keep ratio run once with their default parameters. Sorted
-    by keep, then tail, then selection, so the smallest keep with drop and uta comes first."""
+    by keep, then tail, then selection, so the smallest keep with drop and uta comes first; the
+    selections without a keep ratio come last (a run cut short by ``--max-minutes`` keeps the
+    keep-ratio table whole as far as it got)."""
     known = registry.selections()
     chosen = []
     for name in selections:
@@ -81,7 +83,7 @@ def runs(
         chosen += [(name, tail, keep) for keep in budgets for tail in usable]
     chosen.sort(
         key=lambda c: (
-            -1.0 if c[2] is None else c[2],
+            math.inf if c[2] is None else c[2],
             tails.index(c[1]),
             selections.index(c[0]),
         )
