@@ -1,25 +1,28 @@
 """End-to-end report of the toy model: sparse methods against dense sampling, and model quality.
 
 For each selection x keep x tail, the toy model samples a batch of clips (``--clips-per-label``
-per shape) densely and sparsely from the same noise (``tailattn.toy.sample.dense_and_sparse``,
-first quarter of the steps dense) and records PSNR and SSIM of the sparse clips against the dense
+per shape, at the clip size the model was trained on) densely and sparsely from the same noise
+(``tailattn.toy.sample.dense_and_sparse``, first quarter of the steps dense; bf16 autocast on
+CUDA, float32 on the CPU) and records PSNR and SSIM of the sparse clips against the dense
 ones, the attention-output MSE per step (against exact attention of the same q, k, v, and
 against the dense run), and the shape-classifier accuracy of the sparse clips. Selections
 ``dfs``, ``rectified`` and ``recall`` join when registered. The model's own quality: classifier
-accuracy on fresh real clips (calibration) and on dense samples, and the mean frame-to-frame
-change of samples against real clips.
+accuracy on fresh real clips (calibration) and on dense samples at each ``--guidances`` scale
+(the first listed is the default of the model's samples, ``DEFAULT_GUIDANCE``), and the mean
+frame-to-frame change of samples against real clips.
 
 Writes into ``--out``: ``toy_report.md`` (tables), ``toy_report.json`` (everything, per step),
 ``toy_fig8b.png`` (MSE per step, drop against uta, at the smallest keep), ``toy_data.png`` and
 ``toy_samples_g*.png`` (frame strips of real clips and of dense samples, one per shape).
 
-    python scripts/toy_report.py --device cuda --out reports/toy            # GPU: a few minutes
+    python scripts/toy_report.py --device cuda --out reports/toy            # GPU: about 5 minutes
     python scripts/toy_report.py --preset cpu --out reports/toy-cpu         # CPU: fewer settings
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -30,8 +33,8 @@ import torch
 
 from tailattn.methods import registry
 from tailattn.toy import data, quality, weights
-from tailattn.toy.pipeline import DEFAULT_SHIFT
-from tailattn.toy.sample import Comparison, dense_and_sparse, noise, sample
+from tailattn.toy.pipeline import DEFAULT_GUIDANCE, DEFAULT_SHIFT
+from tailattn.toy.sample import Comparison, clip_of, dense_and_sparse, noise, sample
 from tailattn.toy.strip import save_strip
 
 PRESETS = {
@@ -39,9 +42,10 @@ PRESETS = {
         "selections": "block-topk,svg2,radial,dfs,rectified,recall",
         "keeps": "0.1,0.2,0.3",
         "tails": "drop,uta,blocks,moment",
-        "clips_per_label": 2,
+        "clips_per_label": 1,
         "steps": 20,
-        "quality_clips": 64,
+        "quality_clips": 48,
+        "guidances": f"{DEFAULT_GUIDANCE:g},1",
         "classifier_steps": 1500,
     },
     "cpu": {
@@ -51,6 +55,7 @@ PRESETS = {
         "clips_per_label": 1,
         "steps": 10,
         "quality_clips": 8,
+        "guidances": f"{DEFAULT_GUIDANCE:g}",
         "classifier_steps": 150,
     },
 }
@@ -61,7 +66,9 @@ def runs(
 ) -> list[tuple[str, float | None]]:
     """The (spec, keep) pairs to measure: registered selections only, each with the tails of its
     granularity; selections without a keep ratio run once with their default parameters. Sorted
-    by keep, then tail, then selection, so the smallest keep with drop and uta comes first."""
+    by keep, then tail, then selection, so the smallest keep with drop and uta comes first; the
+    selections without a keep ratio come last (a run cut short by ``--max-minutes`` keeps the
+    keep-ratio table whole as far as it got)."""
     known = registry.selections()
     chosen = []
     for name in selections:
@@ -76,7 +83,7 @@ def runs(
         chosen += [(name, tail, keep) for keep in budgets for tail in usable]
     chosen.sort(
         key=lambda c: (
-            -1.0 if c[2] is None else c[2],
+            math.inf if c[2] is None else c[2],
             tails.index(c[1]),
             selections.index(c[0]),
         )
@@ -137,15 +144,16 @@ def model_quality(
     (``toy_samples_g*.png``), one clip per shape."""
     n = args.quality_clips
     names = list(data.SHAPES)
-    real, real_labels = data.clips(987_654, max(n, 64), device)
+    frames, size, _ = clip_of(model)
+    real, real_labels = data.clips(987_654, max(n, 64), device, frames=frames, size=size)
     labels = torch.arange(n, device=device) % len(data.SHAPES)
-    x = noise(args.seed + 1, n, (data.CHANNELS, data.FRAMES, data.SIZE, data.SIZE), device)
+    x = noise(args.seed + 1, n, (data.CHANNELS, frames, size, size), device)
     out: dict[str, object] = {
         "classifier_accuracy_real": quality.label_accuracy(classifier, real, real_labels),
         "motion_real": quality.motion(real),
         "clips": n,
     }
-    for guidance in sorted({1.0, args.guidance, 2.0}):
+    for guidance in [float(g) for g in args.guidances.split(",")]:
         clips = torch.cat(
             [
                 sample(
@@ -162,9 +170,11 @@ def model_quality(
         out[f"accuracy_samples_g{guidance:g}"] = quality.label_accuracy(classifier, clips, labels)
         out[f"motion_samples_g{guidance:g}"] = quality.motion(clips)
         shown = min(n, len(data.SHAPES))
-        save_strip(clips[:shown], args.out / f"toy_samples_g{guidance:g}.png", names[:shown])
-    real, _ = data.clips(987_654, len(data.SHAPES), device, labels=torch.arange(len(data.SHAPES)))
-    save_strip(real, args.out / "toy_data.png", names)
+        strip = args.out / f"toy_samples_g{guidance:g}.png"
+        save_strip(clips[:shown].float(), strip, names[:shown], scale=max(1, 128 // size))
+    kinds = torch.arange(len(data.SHAPES))
+    real, _ = data.clips(987_654, len(kinds), device, labels=kinds, frames=frames, size=size)
+    save_strip(real, args.out / "toy_data.png", names, scale=max(1, 128 // size))
     return out
 
 
@@ -176,7 +186,8 @@ def markdown(rows: list[dict], info: dict, model_q: dict, skipped: list[str]) ->
     lines = [
         "# Toy model: sparse attention end to end",
         "",
-        f"Device: {info['device']}; torch {info['torch']}; model: {info['model']}; "
+        f"Device: {info['device']}; torch {info['torch']}; {info['dtype']}; "
+        f"model: {info['model']}; "
         f"{info['steps']} steps (first {info['steps'] // 4} dense), shift {info['shift']}, "
         f"guidance {info['guidance']}, {info['clips']} clips (seed {info['seed']}).",
         "",
@@ -254,11 +265,17 @@ def main() -> None:
     parser.add_argument("--clips-per-label", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--quality-clips", type=int)
+    parser.add_argument("--guidances", help="guidance scales of the quality samples, e.g. 3,1")
     parser.add_argument("--classifier-steps", type=int)
     parser.add_argument("--shift", type=float, default=DEFAULT_SHIFT)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="autocast dtype of the sampling (default bfloat16 on CUDA, float32 on the CPU)",
+    )
     parser.add_argument("--weights", type=Path)
     parser.add_argument(
         "--max-minutes",
@@ -273,13 +290,24 @@ def main() -> None:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = weights.load(args.weights, args.device)
     card = weights.read_card(args.weights)
-    classifier = quality.train_classifier(args.classifier_steps, device=args.device)
+    frames, size, _ = clip_of(model)
+    classifier = quality.train_classifier(
+        args.classifier_steps, device=args.device, frames=frames, size=size
+    )
     print(f"classifier trained at {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    model_q = model_quality(model, classifier, args, args.device)
+    autocast = (
+        torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        model_q = model_quality(model, classifier, args, args.device)
     print(f"model quality at {time.perf_counter() - start:.0f} s: {model_q}", file=sys.stderr)
     labels = torch.arange(len(data.SHAPES), device=args.device).repeat(args.clips_per_label)
     plan = runs(
@@ -288,8 +316,9 @@ def main() -> None:
         args.tails.split(","),
     )
     info = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "torch": torch.__version__,
+        "dtype": args.dtype,
         "model": f"{card['config']}, {card['training']['steps']} training steps",
         "steps": args.steps,
         "shift": args.shift,
@@ -305,7 +334,8 @@ def main() -> None:
             skipped += [f"{s} keep={k}: out of time" for s, k in plan[index:]]
             break
         try:
-            row = measure(model, classifier, spec, keep, labels, args)
+            with autocast:
+                row = measure(model, classifier, spec, keep, labels, args)
         except (TypeError, ValueError, RuntimeError) as err:
             skipped.append(f"{spec} keep={keep}: {type(err).__name__}: {err}")
             print(f"[{index + 1}/{len(plan)}] {skipped[-1]}", file=sys.stderr)

@@ -4,11 +4,10 @@ diffusers integration tests. Import after ``pytest.importorskip("diffusers")``."
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 from diffusers import (
     CogVideoXTransformer3DModel,
@@ -17,18 +16,10 @@ from diffusers import (
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
+from threads import one_thread  # noqa: F401  (re-exported for the diffusers tests)
+
 HEADS, HEAD_DIM = 2, 64
 CHANNELS = 4
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: these models are tiny, and on a shared 2-core machine two
-    OpenMP threads wait on each other (a 128 x 128 linear layer took 14 ms instead of 0.1 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def wan(

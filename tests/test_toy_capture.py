@@ -56,21 +56,23 @@ def test_captured_qkv_reproduce_the_attention_outputs():
     layers = len(pipe.transformer.blocks)
     assert sorted(sink.entries) == sorted((layer, s) for layer in range(layers) for s in (0, 2))
     for (layer, step), (q, k, v) in sink.entries.items():
-        assert q.shape == (1, pipe.transformer.config.num_attention_heads, 2 * 4 * 4, 64)
+        wan = pipe.transformer.config
+        assert q.shape == (1, wan.num_attention_heads, 2 * 4 * 4, wan.attention_head_dim)
         exact = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         torch.testing.assert_close(exact, outputs[(layer, step)], rtol=1e-5, atol=1e-5)
 
 
 def test_write_toy_capture_file(tmp_path, tiny_weights):  # noqa: F811
-    """A 3-step capture of the tiny toy model on the full 16 x 16 x 16 grid: each entry's exact
-    attention is the attention output of that step in a second, identical run."""
+    """A 3-step capture of the tiny toy model at its training clip (4 x 16 x 16 pixels: a
+    4 x 8 x 8 grid): each entry's exact attention is the attention output of that step in a
+    second, identical run."""
     capture_format = capture_file
     path = write_toy_capture(
         tmp_path / "toy.safetensors", seed=1, steps=3, layers=[0], weights=tiny_weights
     )
     loaded = capture_format.load_capture(path)
     assert [(e.layer, e.step) for e in loaded.entries] == [(0, s) for s in default_steps(3)]
-    assert tuple(loaded.meta["grid"]) == (16, 16, 16)
+    assert tuple(loaded.meta["grid"]) == (4, 8, 8)
     assert loaded.meta["model"] == "toy"
     pipe = load_pipeline(weights=tiny_weights)
     outputs, hooks = _attention_outputs(pipe)
@@ -110,3 +112,17 @@ def test_a_toy_prompt_that_names_no_shape_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert "--prompt" in plain(result.output) and "Traceback" not in result.output
     assert not (tmp_path / "x.st").exists()
+
+
+def test_toy_capture_module_command(tmp_path, tiny_weights):  # noqa: F811
+    from tailattn.toy.capture import capture_command
+
+    app = typer.Typer()
+    app.command("capture")(capture_command)
+    app.command("other")(lambda: None)
+    out = tmp_path / "toy.safetensors"
+    args = ["capture", "--out", str(out), "--weights", str(tiny_weights), "--steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    entries = capture_file.load_capture(out).entries
+    assert sorted((e.layer, e.step) for e in entries) == [(0, 0), (0, 1), (1, 0), (1, 1)]

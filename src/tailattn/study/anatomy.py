@@ -11,6 +11,11 @@ Per query row with probabilities sorted in descending order p_(1) >= ... >= p_(N
   UTA's single token ignores (Jensen gap e^{sigma^2/2} for Gaussian tails).
 * ``delta_zero_share``: share of the adjacent differences p_(i) - p_(i+1) smaller than 1 % of
   the largest one: the sharp peak at zero of Fig. 3d.
+* ``local_mass``: the mass of the keys near the query on the (T, H, W) token grid,
+  ``|t_k - t_q| <= LOCAL_FRAMES`` and ``max(|h_k - h_q|, |w_k - w_q|) <= LOCAL_RADIUS`` (a
+  3 x 7 x 7 neighbourhood, 147 keys in the interior); ``1 - local_mass`` is the long-range
+  mass. ``frame_mass``: the mass of the keys in the query's own frame (spatial against temporal
+  attention). Tokens past the grid (text) are neither; without a grid both are NaN.
 * ``recall_curve``: exact kept mass of the Top-K oracle at each keep of :data:`CURVE_KEEPS`
   (Fig. 1a).
 
@@ -34,7 +39,10 @@ STAT_NAMES = (
     "lower90_peak",
     "lower90_logit_std",
     "delta_zero_share",
+    "local_mass",
+    "frame_mass",
 )
+LOCAL_FRAMES, LOCAL_RADIUS = 1, 3
 LOG_P_RANGE = (-12.0, 0.0)
 LOG_P_BINS = 96
 SAMPLE_ROWS = 2
@@ -59,6 +67,30 @@ def row_stats(chunk: Chunk) -> dict[str, torch.Tensor]:
         "lower90_peak": n * ps[:, min(top10, n - 1)],
         "lower90_logit_std": zs[:, top10:].std(dim=-1) if n - top10 > 1 else zs[:, 0] * 0,
         "delta_zero_share": (deltas < 0.01 * largest).to(ps.dtype).mean(dim=-1),
+    }
+
+
+def locality(chunk: Chunk, grid: tuple[int, int, int] | None) -> dict[str, torch.Tensor]:
+    """``local_mass`` and ``frame_mass`` of each row (each (Cq,); module docstring)."""
+    p = chunk.p
+    if grid is None:
+        nan = torch.full(p.shape[:1], math.nan, dtype=p.dtype, device=p.device)
+        return {"local_mass": nan, "frame_mass": nan}
+    t, h, w = grid
+    keys = torch.arange(p.shape[-1], device=p.device)
+    on_grid = keys < t * h * w
+
+    def coords(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return index // (h * w), (index // w) % h, index % w
+
+    tk, hk, wk = coords(keys)
+    tq, hq, wq = (c[:, None] for c in coords(chunk.rows.to(p.device)))
+    same_frame = (tk == tq) & on_grid
+    near = (hk - hq).abs().maximum((wk - wq).abs()) <= LOCAL_RADIUS
+    local = ((tk - tq).abs() <= LOCAL_FRAMES) & near & on_grid
+    return {
+        "local_mass": (p * local).sum(dim=-1),
+        "frame_mass": (p * same_frame).sum(dim=-1),
     }
 
 
@@ -89,9 +121,12 @@ class AnatomyAccumulator:
     histogram: torch.Tensor | None = None
     samples: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, chunk: Chunk, histogram_rows: int) -> None:
-        """Add a chunk; its first ``histogram_rows`` rows also go into the histogram."""
-        for name, value in row_stats(chunk).items():
+    def add(
+        self, chunk: Chunk, histogram_rows: int, grid: tuple[int, int, int] | None = None
+    ) -> None:
+        """Add a chunk; its first ``histogram_rows`` rows also go into the histogram; ``grid``
+        (T, H, W) places the keys for :func:`locality`."""
+        for name, value in {**row_stats(chunk), **locality(chunk, grid)}.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value.sum())
         curve = recall_curve(chunk).sum(dim=0)
         self.curve = curve if self.curve is None else self.curve + curve

@@ -186,7 +186,7 @@ def evaluate_unit(
         ref = chunk.reference[0]
         ref_norm = ref.norm(dim=-1).clamp_min(torch.finfo(dtype).tiny)
         if acc is not None:
-            acc.add(chunk, HISTOGRAM_ROWS - start)
+            acc.add(chunk, HISTOGRAM_ROWS - start, grid)
         if watched:
             if acc is None:
                 keep_hist("full", chunk.p, start)

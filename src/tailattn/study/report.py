@@ -296,8 +296,10 @@ def render(result: StudyResult, data: dict, out: Path) -> str:
             "",
             "Means over rows per head (definitions in `tailattn/study/anatomy.py`): mass of the "
             "top 1 % and 10 % of keys, mass of the lower 90 %, the largest probability of the "
-            "lower 90 % times N, the logit spread of the lower 90 %, and the share of adjacent "
-            "sorted-probability differences below 1 % of the largest one.",
+            "lower 90 % times N, the logit spread of the lower 90 %, the share of adjacent "
+            "sorted-probability differences below 1 % of the largest one, the mass of the keys "
+            "within 1 frame and 3 tokens of the query (local; the rest is long-range) and the "
+            "mass in the query's own frame.",
             "",
             _anatomy_table(result),
             "",

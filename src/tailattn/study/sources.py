@@ -112,7 +112,8 @@ def capture_source(path: Path, heads: Sequence[int] | None, name: str | None = N
 
 
 def toy_capture(workdir: Path, seed: int) -> Path:
-    """Write the toy model's capture (``tailattn.toy``) into ``workdir`` and return its path."""
+    """Write the toy model's capture (``tailattn.toy``, on CUDA when available) into
+    ``workdir`` and return its path."""
     try:
         from ..toy.capture import write_toy_capture
     except ImportError as err:
@@ -120,7 +121,8 @@ def toy_capture(workdir: Path, seed: int) -> Path:
             f"--source toy needs the toy model (tailattn.toy), which is not available here "
             f"({err}); use synthetic[:PRESET] or a capture file"
         ) from None
-    return write_toy_capture(workdir / "toy.safetensors", seed=seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_toy_capture(workdir / "toy.safetensors", seed=seed, device=device)
 
 
 def open_source(

@@ -1,8 +1,11 @@
 r"""The toy video DiT: a diffusers ``WanTransformer3DModel`` in pixel space, label-conditioned.
 
 The transformer is Wan's (patch embedding, 3D RoPE, adaLN modulation from the timestep,
-self-attention, cross-attention, feed-forward) at a small size: patch (1, 2, 2) over a
-(3, 16, 32, 32) clip gives a 16 x 16 x 16 grid of N = 4,096 tokens, head dim 64.
+self-attention, cross-attention, feed-forward) at a small size. The default config
+(:meth:`ToyConfig.default`): 8 heads of dim 32, 8 layers, feed-forward 1,024, 9.0 M parameters;
+patch (1, 2, 2) over its training clip of (3, 16, 64, 64) gives a 16 x 32 x 32 grid of
+N = 16,384 tokens (128 key blocks of 128). RoPE works on any grid, so the same weights take
+smaller clips (``tailattn generate`` on a CPU uses 8 frames of 32 x 32).
 Conditioning: the label (a shape kind, ``data.SHAPES``) selects ``label_tokens`` learned vectors
 of width ``text_dim`` that Wan takes as its ``encoder_hidden_states`` (the text embedding in
 Wan); label ``len(SHAPES)`` is the *null* label, trained with label dropout, for
@@ -14,56 +17,113 @@ Velocity parametrization (flow matching as Wan trains): with ``x_t = (1 - t) x_0
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from diffusers import WanTransformer3DModel
 
 from . import data
 
-HEAD_DIM = 64
+ADDED_KEYS = ("head_dim", "frames", "size")
+"""Config keys added after the first shipped model: a card without them is that model's, and
+they take its values (:meth:`ToyConfig.v1`)."""
 
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Size of the toy model (``default()``: the shipped model; ``tiny()``: for tests)."""
+    """Size of the toy model and the clip it was trained on (``frames`` of ``size`` x ``size``
+    pixels: the default clip of sampling and capture). Presets: :meth:`default` (the current
+    model), :meth:`v1` (the first one) and :meth:`tiny` (tests)."""
 
-    heads: int = 4
-    layers: int = 6
-    ffn_dim: int = 1024
-    text_dim: int = 64
-    freq_dim: int = 128
-    label_tokens: int = 4
-    labels: int = len(data.SHAPES)
+    heads: int
+    layers: int
+    ffn_dim: int
+    text_dim: int
+    freq_dim: int
+    label_tokens: int
+    labels: int
+    head_dim: int
+    frames: int
+    size: int
+
+    @classmethod
+    def default(cls) -> ToyConfig:
+        """8 heads of 32, 8 layers, trained on 16 x 64 x 64 clips (16,384 tokens)."""
+        return replace(cls.v1(), heads=8, layers=8, head_dim=32, size=64)
+
+    @classmethod
+    def v1(cls) -> ToyConfig:
+        """The first shipped model: 4 heads of 64, 6 layers, 16 x 32 x 32 clips (4,096 tokens)."""
+        return cls(
+            heads=4,
+            layers=6,
+            ffn_dim=1024,
+            text_dim=64,
+            freq_dim=128,
+            label_tokens=4,
+            labels=len(data.SHAPES),
+            head_dim=64,
+            frames=16,
+            size=32,
+        )
 
     @classmethod
     def tiny(cls) -> ToyConfig:
-        """One head, two layers: trains on a CPU in minutes; for tests and CPU checks."""
-        return cls(heads=1, layers=2, ffn_dim=128, text_dim=32, freq_dim=32, label_tokens=2)
+        """One head of 64, two layers, 4 x 16 x 16 clips: for tests and CPU checks."""
+        return replace(
+            cls.v1(),
+            heads=1,
+            layers=2,
+            ffn_dim=128,
+            text_dim=32,
+            freq_dim=32,
+            label_tokens=2,
+            frames=4,
+            size=16,
+        )
+
+    @classmethod
+    def named(cls, name: str) -> ToyConfig:
+        """The preset ``default``, ``v1`` or ``tiny``.
+
+        Raises:
+            ValueError: another name.
+        """
+        presets = {"default": cls.default, "v1": cls.v1, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"toy config must be one of {', '.join(presets)}, got {name!r}")
+        return presets[name]()
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the training clip: ``frames * (size / 2)^2``."""
+        return self.frames * (self.size // 2) ** 2
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, int]) -> ToyConfig:
-        """The inverse of :meth:`to_dict`.
+        """The inverse of :meth:`to_dict`; keys of :data:`ADDED_KEYS` may be missing.
 
         Raises:
-            ValueError: unknown or missing keys.
+            ValueError: unknown keys, or missing keys other than :data:`ADDED_KEYS`.
         """
         names = set(cls.__dataclass_fields__)
-        if set(values) != names:
+        missing = names - set(values) - set(ADDED_KEYS)
+        if set(values) - names or missing:
             raise ValueError(
                 f"toy config keys {sorted(values)} do not match the expected {sorted(names)}"
             )
-        return cls(**{name: int(values[name]) for name in names})
+        legacy = {name: getattr(cls.v1(), name) for name in ADDED_KEYS}
+        return cls(**{name: int(value) for name, value in {**legacy, **values}.items()})
 
     def wan_kwargs(self) -> dict[str, object]:
         """Arguments of ``WanTransformer3DModel``."""
         return {
             "patch_size": (1, 2, 2),
             "num_attention_heads": self.heads,
-            "attention_head_dim": HEAD_DIM,
+            "attention_head_dim": self.head_dim,
             "in_channels": data.CHANNELS,
             "out_channels": data.CHANNELS,
             "text_dim": self.text_dim,

@@ -18,10 +18,14 @@ import torch
 
 from . import data
 from .model import ToyModel
-from .sample import sample
+from .sample import clip_of, sample
 
 DEFAULT_SHIFT = 2.0
 """Shift of the sampling schedule (``sample.sigmas``) used by default everywhere."""
+
+DEFAULT_GUIDANCE = 3.0
+"""Classifier-free guidance of the model's own samples: the frame strip written after training
+and the quality measured by ``scripts/toy_report.py``."""
 
 
 def label_of(prompt: str | int) -> int:
@@ -85,9 +89,10 @@ class ToyPipeline:
         **_: Any,
     ) -> ToyOutput:
         """One clip of the shape named in ``prompt`` (module docstring); ``height``, ``width``
-        (even) and ``num_frames`` default to the training size 32 x 32 x 16."""
+        (even) and ``num_frames`` default to the clip the model was trained on."""
         parameter = next(self.model.parameters())
-        shape = (data.CHANNELS, num_frames or data.FRAMES, height or data.SIZE, width or data.SIZE)
+        frames, size, _ = clip_of(self.model)
+        shape = (data.CHANNELS, num_frames or frames, height or size, width or size)
         if shape[2] % 2 or shape[3] % 2:
             raise ValueError(f"height and width must be even (patch 2 x 2), got {shape[2:]}")
         x = torch.randn(1, *shape, generator=generator).to(parameter.device, parameter.dtype)

@@ -29,14 +29,24 @@ from .model import ToyModel
 from .probe import AttentionProbe
 
 
+def clip_of(model: ToyModel) -> tuple[int, int, int]:
+    """(frames, height, width) of the clips ``model`` was trained on."""
+    return model.config.frames, model.config.size, model.config.size
+
+
+def shifted(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels ``shift s / (1 + (shift - 1) s)`` of levels ``s`` in [0, 1] (a shift above
+    1 moves them towards 1, more noise; 0 and 1 stay)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def sigmas(steps: int, shift: float) -> torch.Tensor:
     """The ``steps + 1`` noise levels (float64) from 1 to 0 (module docstring)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+    return shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 def noise(
@@ -111,16 +121,16 @@ def dense_and_sparse(
     shift: float,
     guidance: float = 1.0,
     warmup_steps: int = 0,
-    size: tuple[int, int, int] = (data.FRAMES, data.SIZE, data.SIZE),
+    size: tuple[int, int, int] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Comparison:
     """Sample densely with ``model`` and sparsely with a copy under ``apply(copy, method, keep,
     warmup_steps=...)`` in lockstep from the same noise (seed ``seed``) at ``size`` (frames,
-    height, width; the model was trained at 16 x 32 x 32)."""
+    height, width; default: the clip the model was trained on, ``clip_of(model)``)."""
     from ..integrations.diffusers import apply
 
     device = next(model.parameters()).device
-    x_dense = noise(seed, labels.shape[0], (data.CHANNELS, *size), device)
+    x_dense = noise(seed, labels.shape[0], (data.CHANNELS, *(size or clip_of(model))), device)
     x_sparse = x_dense.clone()
     sparse_model = copy.deepcopy(model)
     levels = sigmas(steps, shift).tolist()

@@ -1,8 +1,9 @@
 """Toy model weights on disk: safetensors shards (each at most 16 MiB) and a JSON model card.
 
 A weights directory holds ``card.json`` and the shards it lists. The card records the model
-config (``ToyConfig``), the data recipe, the training run (steps, minutes, final loss, ...) and,
-per shard, its size and SHA-256. Loading checks every shard against the card before reading it,
+config (``ToyConfig``), the data recipe, the training run (steps, minutes, final loss, ...), the
+storage dtype (float32, or bfloat16 to halve the size; loading casts to float32) and, per shard,
+its size and SHA-256. Loading checks every shard against the card before reading it,
 so a corrupt, truncated or missing file is a clear error, never a silently wrong model. Files
 are written to a temporary name and renamed.
 """
@@ -48,12 +49,13 @@ def _atomic_write(path: Path, write: Any) -> None:
     partial.replace(path)
 
 
-def _shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Greedy split of a state dict into groups of at most SHARD_BYTES (in key order)."""
+def _shards(state: dict[str, torch.Tensor], dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Greedy split of a state dict, cast to ``dtype``, into groups of at most SHARD_BYTES (in
+    key order)."""
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        tensor = state[name].detach().to("cpu", dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > SHARD_BYTES:
             raise ValueError(f"tensor {name} ({nbytes} bytes) exceeds one shard")
@@ -65,16 +67,19 @@ def _shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return groups
 
 
-def save(model: ToyModel, directory: Path, card: dict[str, Any]) -> Path:
-    """Write ``model``'s weights (float32) as shards and ``card.json`` (``card`` plus the config
-    and the shard checksums) into ``directory``; returns the card's path."""
+def save(
+    model: ToyModel, directory: Path, card: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write ``model``'s weights in ``dtype`` as shards and ``card.json`` (``card`` plus the
+    config, the dtype and the shard checksums) into ``directory``; returns the card's path."""
     directory.mkdir(parents=True, exist_ok=True)
     files = []
-    for index, group in enumerate(_shards(model.state_dict())):
+    for index, group in enumerate(_shards(model.state_dict(), dtype)):
         path = directory / f"toy-{index:02d}.safetensors"
         _atomic_write(path, lambda p, group=group: save_file(group, str(p)))
         files.append({"name": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
-    full = {**card, "config": model.config.to_dict(), "files": files}
+    stored = str(dtype).removeprefix("torch.")
+    full = {**card, "config": model.config.to_dict(), "dtype": stored, "files": files}
     card_path = directory / CARD
     _atomic_write(card_path, lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
     return card_path
@@ -90,7 +95,7 @@ def read_card(directory: Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(
             f"no toy model card at {path}; train weights with "
-            f"'python -m tailattn.toy.train --minutes 12 --out DIR' and pass that directory"
+            f"'python -m tailattn.toy.train --minutes 13 --out DIR' and pass that directory"
         )
     try:
         card = json.loads(path.read_text())
@@ -128,7 +133,7 @@ def load(directory: Path | None = None, device: torch.device | str = "cpu") -> T
         state.update(load_file(str(path)))
     model = ToyModel(config)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)  # copies cast to the float32 parameters
     except RuntimeError as err:
         raise WeightsError(f"toy weights in {directory} do not fit their card: {err}") from None
     return model.to(device).eval()
