@@ -84,11 +84,13 @@ PROBE_CHUNK_BYTES = 64 * 2**20
 class Probe:
     """Probe statistics of every (query block m, key block j), (B, H, Mq, Mk[, r]).
 
-    ``log_mass``: log sum_{t in j} e^{z_t} (unnormalized); ``key_sketch``: kap_mj sketched (keys
-    centered on their mean first), or ``None`` when not asked for.
+    ``log_mass``: log sum_{t in j} e^{z_t} (unnormalized); ``concentration``: c_mj = sum_{t in j}
+    w_t^2 of the block's own softmax w (1/n_j for equal logits, 1 for one dominant key);
+    ``key_sketch``: kap_mj sketched (keys centered on their mean first), or ``None``.
     """
 
     log_mass: torch.Tensor
+    concentration: torch.Tensor
     key_sketch: torch.Tensor | None = None
 
     def mass(self) -> torch.Tensor:
@@ -142,18 +144,23 @@ def probe_stats_torch(
     if sketch is not None:
         shift = k.mean(dim=2, keepdim=True).unsqueeze(2)
         keys = (kb - shift) @ sketch  # (B, H, Mk, bk, r)
-    log_mass, sketches = [], []
+    log_mass, concentration, sketches = [], [], []
     step = max(1, chunk_bytes // max(1, b * h * mk * block_k * qhat.element_size() * 2))
     for start in range(0, mq, step):
         probes = qhat[:, :, start : start + step]
         z = scale * torch.einsum("bhcd,bhjtd->bhcjt", probes, kb)
         z = z.masked_fill(~real, float("-inf"))
         lse = torch.logsumexp(z, dim=-1)
+        weights = torch.exp(z - lse.unsqueeze(-1))
         log_mass.append(lse)
+        concentration.append((weights * weights).sum(-1))
         if keys is not None:
-            weights = torch.exp(z - lse.unsqueeze(-1))
             sketches.append(torch.einsum("bhcjt,bhjtr->bhcjr", weights, keys))
-    return Probe(torch.cat(log_mass, 2), torch.cat(sketches, 2) if keys is not None else None)
+    return Probe(
+        torch.cat(log_mass, 2),
+        torch.cat(concentration, 2),
+        torch.cat(sketches, 2) if keys is not None else None,
+    )
 
 
 @functools.cache
@@ -201,13 +208,15 @@ def tail_log_mass(
     return scale * qhat @ key_mean.mT + log_count
 
 
-def block_scores(probe: Probe, tail_log_mass: torch.Tensor) -> torch.Tensor:
-    """Expected squared tail error of dropping each block, ``(p - a)^2 + p^2`` (B, H, Mq, Mk),
-    in units of the probe's squared output scale."""
+def block_scores(probe: Probe, tail_log_mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Expected squared tail error of dropping each block alone, in units of the value
+    variance: ``(p - a)^2 + p^2 (c - 1/n)`` (module docstring), (B, H, Mq, Mk); ``counts``
+    (Mk,) tokens per key block."""
     lse = torch.logsumexp(probe.log_mass, dim=-1, keepdim=True)
     p = torch.exp(probe.log_mass - lse)
     a = torch.exp(tail_log_mass - lse)
-    return (p - a) ** 2 + p**2
+    spread = (probe.concentration - 1.0 / counts.to(p.dtype)).clamp_min(0.0)
+    return (p - a) ** 2 + p**2 * spread
 
 
 def key_imbalance(probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +381,8 @@ class BlockErr:
             return picks, non_increasing(before - objective)
         probe = probe_stats(qhat, k, scale, self.block_k, None)
         tail = tail_log_mass(qhat, k, scale, self.block_k, self.for_tail)
-        scores = block_scores(probe, tail.to(probe.log_mass.dtype))
+        counts = block_sizes(k.shape[2], self.block_k, k.device)
+        scores = block_scores(probe, tail.to(probe.log_mass.dtype), counts)
         gains, ranked = scores.topk(budget if self.budget == "fixed" else mk, dim=-1)
         return ranked, gains
 
