@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tailattn
+from study_check import study_and_library
 from tailattn.layout import BlockLayout, block_sizes
 from tailattn.permute import permute_tokens, unpermute_tokens
 from tailattn.select import BlockErr, SVG2State
@@ -24,6 +25,7 @@ from tailattn.select.error_aware import (
     sketch_matrix,
     tail_log_mass,
 )
+from tailattn.study.config import ERROR_AWARE_METHODS
 
 GRID = (2, 8, 16)
 N = 256
@@ -283,6 +285,23 @@ def test_bound_once_runs_many_times_and_names_its_spec():
     q, k, v = qkv(13, dtype=torch.float32)
     first = tailattn.attention(q, k, v, bound)
     assert torch.equal(first, tailattn.attention(q, k, v, bound))
+
+
+def blocks_of_32(spec: str) -> str:
+    """The spec with block_q = block_k = 32."""
+    m = tailattn.Method.parse(spec)
+    params = {**dict(m.selection_params), "block_q": 32, "block_k": 32}
+    return tailattn.Method(m.selection, m.tail, tuple(sorted(params.items())), m.tail_params).spec
+
+
+@pytest.mark.parametrize("queries", [None, 37])
+def test_the_study_evaluates_block_err_as_attention_does(queries):
+    """The study's one-pass evaluation (``--methods errors``) equals tailattn.attention."""
+    q, k, v = qkv(17, h=1)
+    specs = [blocks_of_32(s) for s in (*ERROR_AWARE_METHODS, "block-err(order=svg2)+blocks")]
+    checks = study_and_library((q, k, v), specs, queries, GRID, backend="reference")
+    for pair, got, _, sub, ref in checks:
+        assert got["mse"] == pytest.approx(tailattn.metrics.mse(sub, ref), rel=1e-9), pair
 
 
 # ------------------------------------------------------------------ Triton (interpreter or GPU)

@@ -92,7 +92,7 @@ def probe_stats(
     concentration = torch.empty_like(log_mass)
     with_keys = sketch is not None
     key_sketch = torch.empty(b, h, mq, mk, r if with_keys else 1, device=k.device)
-    shift = k.float().mean(dim=2).contiguous() if with_keys else log_mass
+    shift = k.mean(dim=2, dtype=torch.float32).contiguous() if with_keys else log_mass
     block_p = max(16, min(64, triton.next_power_of_2(mq)))
     _probe_kernel[(triton.cdiv(mq, block_p), mk, b * h)](
         qhat, k, shift, sketch.contiguous() if with_keys else log_mass,
