@@ -138,25 +138,25 @@ def test_probe_statistics_match_brute_force():
         z = s * qhat @ keys.mT
         w = torch.softmax(z, -1)
         assert torch.allclose(probe.log_mass[..., j], torch.logsumexp(z, -1), atol=1e-12)
-        assert torch.allclose(probe.concentration[..., j], (w * w).sum(-1), atol=1e-12)
         centered = (keys - k.mean(2, keepdim=True)) @ sketch
         assert torch.allclose(probe.key_sketch[..., j, :], w @ centered, atol=1e-12)
     assert probe.log_mass.shape == (1, 2, 7, int(sizes.numel()))
 
 
-def test_a_block_of_equal_keys_costs_the_blocks_tail_nothing():
-    """Theorem 3.1 per block: equal logits in a block make its blocks token exact, and the
-    score of dropping it under ``blocks`` is 0; ``drop`` and ``uta`` still pay for it."""
+def test_a_block_of_equal_keys_has_no_mass_error_under_blocks():
+    """Theorem 3.1 per block: equal logits in a block make its ``blocks`` token carry the
+    block's exact mass (a = p), so its score is the value term p^2 alone; ``drop`` and ``uta``
+    also pay for the mass."""
     q, k, _ = qkv(4, n=128, d=16, h=1)
     k[:, :, 32:64] = k[:, :, 32:33]  # key block 1 holds one key 32 times
     s, bk = 0.5, 32
     qhat = pool_blocks(q, 64)
     probe = probe_stats_torch(qhat, k, s, bk, None)
-    counts = block_sizes(128, bk)
-    scores = {t: block_scores(probe, tail_log_mass(qhat, k, s, bk, t), counts) for t in FOR}
-    assert float(scores["blocks"][..., 1].abs().max()) < 1e-12
-    assert bool((scores["drop"][..., 1] > 1e-6).all())
-    assert bool((scores["uta"][..., 1] > 1e-6).all())
+    p = probe.mass()[..., 1]
+    scores = {t: block_scores(probe, tail_log_mass(qhat, k, s, bk, t))[..., 1] for t in FOR}
+    assert torch.allclose(scores["blocks"], p**2, rtol=1e-12)
+    assert torch.allclose(scores["drop"], 2 * p**2, rtol=1e-12)
+    assert bool((scores["uta"] > p**2 * (1 + 1e-6)).all())
 
 
 FOR = ("drop", "uta", "blocks")
@@ -247,7 +247,7 @@ def test_rank_mode_keeps_the_largest_scores():
     layout = BlockErr(0.25, for_tail="blocks", block_q=32, block_k=32)(q, k, scale=0.2)
     qhat = pool_blocks(q, 32)
     probe = probe_stats_torch(qhat, k, 0.2, 32, None)
-    scores = block_scores(probe, tail_log_mass(qhat, k, 0.2, 32, "blocks"), block_sizes(N, 32))
+    scores = block_scores(probe, tail_log_mass(qhat, k, 0.2, 32, "blocks"))
     kept = layout.to_dense()
     low = scores.masked_fill(~kept, math.inf).amin(-1)
     high = scores.masked_fill(kept, -math.inf).amax(-1)
@@ -320,13 +320,12 @@ def test_scoring_kernels_match_pytorch():
     q, k, _ = qkv(14, n=300, d=32, dtype=torch.float32)
     qhat = pool_blocks(q, 64).to(DEVICE)
     sketch = sketch_matrix(32, 16, torch.float32, torch.device(DEVICE))
-    log_mass, concentration, key_sketch = probe_stats(qhat, k.to(DEVICE), 0.25, 64, sketch)
+    log_mass, key_sketch = probe_stats(qhat, k.to(DEVICE), 0.25, 64, sketch)
     ref = probe_stats_torch(qhat.double().cpu(), k.double(), 0.25, 64, sketch.double().cpu())
     assert float((log_mass.double().cpu() - ref.log_mass).abs().max()) < 1e-4
-    assert float((concentration.double().cpu() - ref.concentration).abs().max()) < 1e-5
     assert float((key_sketch.double().cpu() - ref.key_sketch).abs().max()) < 1e-4
     picks, objective = greedy_drop(log_mass, key_sketch, 4, 0.25)
-    probe = Probe(log_mass.cpu(), concentration.cpu(), key_sketch.cpu())
+    probe = Probe(log_mass.cpu(), key_sketch.cpu())
     ref_picks, ref_objective = greedy_drop_torch(*key_imbalance(probe), 4, 0.25)
     assert torch.equal(picks.cpu(), ref_picks)
     assert torch.allclose(objective.cpu(), ref_objective, rtol=1e-4)

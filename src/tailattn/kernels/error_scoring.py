@@ -4,7 +4,6 @@ r"""Scoring kernels of the error-aware selection ``block-err`` (:mod:`tailattn.s
 query) against every key t of block j, z_t = s qhat_m . k_t,
 
     log_mass[m, j] = log sum_{t in j} e^{z_t}
-    concentration[m, j] = sum_{t in j} softmax_j(z)_t^2                  (1/n_j .. 1)
     key_sketch[m, j] = sum_{t in j} softmax_j(z)_t (k_t - kbar) S        (optional, (r,))
 
 with kbar the mean key of the head and S a (D, r) sketch matrix. One program per (BLOCK_P
@@ -33,7 +32,7 @@ BIG = 3.4028234663852886e38
 
 @triton.jit
 def _probe_kernel(
-    Q, K, Shift, Sketch, LogMass, Concentration, KeySketch,
+    Q, K, Shift, Sketch, LogMass, KeySketch,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     H, MQ, MK, N, scale,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
@@ -59,7 +58,6 @@ def _probe_kernel(
     total = tl.sum(e, axis=1)
     out = bh.to(tl.int64) * MQ * MK + rows.to(tl.int64) * MK + j
     tl.store(LogMass + out, top + tl.log(total), mask=rows < MQ)
-    tl.store(Concentration + out, tl.sum(e * e, axis=1) / (total * total), mask=rows < MQ)
     if WITH_KEYS:
         shift = tl.load(Shift + bh.to(tl.int64) * D + offs_d)
         centered = tl.where(real[:, None], k.to(tl.float32) - shift[None, :], 0.0)
@@ -72,9 +70,9 @@ def _probe_kernel(
 
 def probe_stats(
     qhat: torch.Tensor, k: torch.Tensor, scale: float, block_k: int, sketch: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Probe log masses and concentrations (B, H, Mq, Mk) and, with ``sketch`` (D, r) float32,
-    the sketched attention-weighted mean keys (B, H, Mq, Mk, r), all float32.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probe log masses (B, H, Mq, Mk) and, with ``sketch`` (D, r) float32, the sketched
+    attention-weighted mean keys (B, H, Mq, Mk, r), both float32.
 
     Args:
         qhat: (B, H, Mq, D) probe queries; k: (B, H, N, D) keys with unit stride on D; D, r and
@@ -89,19 +87,18 @@ def probe_stats(
         raise ValueError(f"probe_stats needs D, block_k, r >= 16, got {d}, {block_k}, {r}")
     mk = triton.cdiv(n, block_k)
     log_mass = torch.empty(b, h, mq, mk, device=k.device, dtype=torch.float32)
-    concentration = torch.empty_like(log_mass)
     with_keys = sketch is not None
     key_sketch = torch.empty(b, h, mq, mk, r if with_keys else 1, device=k.device)
     shift = k.mean(dim=2, dtype=torch.float32).contiguous() if with_keys else log_mass
     block_p = max(16, min(64, triton.next_power_of_2(mq)))
     _probe_kernel[(triton.cdiv(mq, block_p), mk, b * h)](
         qhat, k, shift, sketch.contiguous() if with_keys else log_mass,
-        log_mass, concentration, key_sketch,
+        log_mass, key_sketch,
         qhat.stride(0), qhat.stride(1), qhat.stride(2), k.stride(0), k.stride(1), k.stride(2),
         h, mq, mk, n, scale,
         BLOCK_P=block_p, BLOCK_K=block_k, D=d, R=r, WITH_KEYS=with_keys,
     )  # fmt: skip
-    return log_mass, concentration, key_sketch if with_keys else None
+    return log_mass, key_sketch if with_keys else None
 
 
 @triton.jit

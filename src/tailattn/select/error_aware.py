@@ -26,9 +26,12 @@ output, summed over the dropped blocks D, is exactly
     O_tail - O = sum_{j in D} e_j / (sum_{j in T} p_j + sum_{j in D} a_j),
     e_j = (a_j - p_j)(vbar_j - O) - p_j (mu_j - vbar_j)
 
-with mu_j the block's attention-weighted value. Values are not seen: with both value offsets of
-the same unknown size and uncorrelated, ``E |e_j|^2 ~ (p_j - a_j)^2 + p_j^2`` (``uta``,
-``blocks``; ``moment`` is scored as ``uta``). ``rank`` keeps the blocks of largest score.
+with mu_j the block's attention-weighted value (the mass misweighting of the block times its
+value offset, plus the block's own value spread). Values are not seen: taking both value terms
+of the same unknown size for every block and uncorrelated (the queries of a block weigh its
+keys less evenly than their mean does, so the probe's own within-block weights do not tell the
+second one), ``E |e_j|^2 ~ (p_j - a_j)^2 + p_j^2`` (``uta``, ``blocks``; ``moment`` is scored
+as ``uta``), and ``rank`` keeps the blocks of largest score.
 
 **Drop: a set function.** For ``drop`` the error does not add up block by block:
 ``O_T - O = sum_{t in T} p_t (v_t - O) / r_T``, which vanishes when the kept blocks' weighted
@@ -47,12 +50,11 @@ over the query blocks of a head, each keeping at least one: per query block a cu
 made non-increasing), and the largest gains over all query blocks win. Nothing synchronizes
 with the host; layouts are valid by construction (``check=False``).
 
-**Cost** at Wan2.1-1.3B 480p (B=1, H=12, N=32,760, D=128, 256 x 256 blocks): the probe product
-qhat K^T is 2 Mq N D H = 25.8 GFLOP and the sketched mean keys 2 Mq N r H + 2 N D r H (Mq/BLOCK_P
-times) = 6.4 + 3.2 GFLOP (r=32), reading K once (100 MB in bf16) and writing p and kap
-(Mq Mk (1 + r) H floats, 104 MB); the greedy reads them back and runs ceil(keep * Mk) steps of
-O(Mk r) per query block. On CUDA both run as Triton kernels
-(:mod:`tailattn.kernels.error_scoring`).
+**Cost** at Wan2.1-1.3B 480p (B=1, H=12, N=32,760, D=128, 256 x 256 blocks; docs/methods.md
+counts it in full): the probe product qhat K^T, 2 Mq N D H = 25.8 GFLOP, for every mode; for
+``drop`` also the sketched mean keys (19.3 GFLOP at r=32), 101 MB of sketches written and read
+back and ceil(keep * Mk) greedy steps of O(Mk r) per query block. On CUDA both run as Triton
+kernels (:mod:`tailattn.kernels.error_scoring`).
 """
 
 from __future__ import annotations
@@ -84,13 +86,11 @@ PROBE_CHUNK_BYTES = 64 * 2**20
 class Probe:
     """Probe statistics of every (query block m, key block j), (B, H, Mq, Mk[, r]).
 
-    ``log_mass``: log sum_{t in j} e^{z_t} (unnormalized); ``concentration``: c_mj = sum_{t in j}
-    w_t^2 of the block's own softmax w (1/n_j for equal logits, 1 for one dominant key);
-    ``key_sketch``: kap_mj sketched (keys centered on their mean first), or ``None``.
+    ``log_mass``: log sum_{t in j} e^{z_t} (unnormalized); ``key_sketch``: kap_mj sketched (keys
+    centered on their mean first), or ``None`` when not asked for.
     """
 
     log_mass: torch.Tensor
-    concentration: torch.Tensor
     key_sketch: torch.Tensor | None = None
 
     def mass(self) -> torch.Tensor:
@@ -144,23 +144,18 @@ def probe_stats_torch(
     if sketch is not None:
         shift = k.mean(dim=2, keepdim=True).unsqueeze(2)
         keys = (kb - shift) @ sketch  # (B, H, Mk, bk, r)
-    log_mass, concentration, sketches = [], [], []
+    log_mass, sketches = [], []
     step = max(1, chunk_bytes // max(1, b * h * mk * block_k * qhat.element_size() * 2))
     for start in range(0, mq, step):
         probes = qhat[:, :, start : start + step]
         z = scale * torch.einsum("bhcd,bhjtd->bhcjt", probes, kb)
         z = z.masked_fill(~real, float("-inf"))
         lse = torch.logsumexp(z, dim=-1)
-        weights = torch.exp(z - lse.unsqueeze(-1))
         log_mass.append(lse)
-        concentration.append((weights * weights).sum(-1))
         if keys is not None:
+            weights = torch.exp(z - lse.unsqueeze(-1))
             sketches.append(torch.einsum("bhcjt,bhjtr->bhcjr", weights, keys))
-    return Probe(
-        torch.cat(log_mass, 2),
-        torch.cat(concentration, 2),
-        torch.cat(sketches, 2) if keys is not None else None,
-    )
+    return Probe(torch.cat(log_mass, 2), torch.cat(sketches, 2) if keys is not None else None)
 
 
 @functools.cache
@@ -208,15 +203,13 @@ def tail_log_mass(
     return scale * qhat @ key_mean.mT + log_count
 
 
-def block_scores(probe: Probe, tail_log_mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def block_scores(probe: Probe, tail_log_mass: torch.Tensor) -> torch.Tensor:
     """Expected squared tail error of dropping each block alone, in units of the value
-    variance: ``(p - a)^2 + p^2 (c - 1/n)`` (module docstring), (B, H, Mq, Mk); ``counts``
-    (Mk,) tokens per key block."""
+    variance: ``(p - a)^2 + p^2`` (module docstring), (B, H, Mq, Mk)."""
     lse = torch.logsumexp(probe.log_mass, dim=-1, keepdim=True)
     p = torch.exp(probe.log_mass - lse)
     a = torch.exp(tail_log_mass - lse)
-    spread = (probe.concentration - 1.0 / counts.to(p.dtype)).clamp_min(0.0)
-    return (p - a) ** 2 + p**2 * spread
+    return (p - a) ** 2 + p**2
 
 
 def key_imbalance(probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,8 +374,7 @@ class BlockErr:
             return picks, non_increasing(before - objective)
         probe = probe_stats(qhat, k, scale, self.block_k, None)
         tail = tail_log_mass(qhat, k, scale, self.block_k, self.for_tail)
-        counts = block_sizes(k.shape[2], self.block_k, k.device)
-        scores = block_scores(probe, tail.to(probe.log_mass.dtype), counts)
+        scores = block_scores(probe, tail.to(probe.log_mass.dtype))
         gains, ranked = scores.topk(budget if self.budget == "fixed" else mk, dim=-1)
         return ranked, gains
 
