@@ -324,6 +324,10 @@ def test_scoring_kernels_match_pytorch():
     ref = probe_stats_torch(qhat.double().cpu(), k.double(), 0.25, 64, sketch.double().cpu())
     assert float((log_mass.double().cpu() - ref.log_mass).abs().max()) < 1e-4
     assert float((key_sketch.double().cpu() - ref.key_sketch).abs().max()) < 1e-4
+    keys = k.transpose(1, 2).contiguous().to(DEVICE, torch.bfloat16).transpose(1, 2)  # bnhd view
+    low, low_sketch = probe_stats(qhat, keys, 0.25, 64, sketch)
+    assert float((low.double().cpu() - ref.log_mass).abs().max()) < 0.1
+    assert float((low_sketch.double().cpu() - ref.key_sketch).abs().max()) < 0.1
     picks, objective = greedy_drop(log_mass, key_sketch, 4, 0.25)
     probe = Probe(log_mass.cpu(), key_sketch.cpu())
     ref_picks, ref_objective = greedy_drop_torch(*key_imbalance(probe), 4, 0.25)

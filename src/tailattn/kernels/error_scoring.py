@@ -8,7 +8,8 @@ query) against every key t of block j, z_t = s qhat_m . k_t,
 
 with kbar the mean key of the head and S a (D, r) sketch matrix. One program per (BLOCK_P
 probes, key block, batch x head): QK^T on tensor cores, the block's softmax, and (k - kbar) S
-then P (k - kbar) S, so the keys are read once per probe tile.
+(in the keys' dtype) then P (k - kbar) S, so the keys are read once per probe tile. Not yet
+timed on a GPU: the tile sizes and warp counts are first guesses.
 
 ``greedy_drop``: one program per query block: from its row of ``log_mass`` and ``key_sketch``
 the block masses p_j, the imbalances d_j = p_j (kap_j - sum_i p_i kap_i), then ``steps`` greedy
@@ -26,8 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import interpreting
+
 TINY = 1.1754943508222875e-38
 BIG = 3.4028234663852886e38
+
+
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with a and b in ``DTYPE``, accumulated in float32; ``UPCAST`` multiplies in float32
+    (the CPU interpreter mis-multiplies bf16)."""
+    if UPCAST:
+        return tl.dot(a.to(DTYPE).to(tl.float32), b.to(DTYPE).to(tl.float32))
+    return tl.dot(a.to(DTYPE), b.to(DTYPE))
 
 
 @triton.jit
@@ -36,7 +48,7 @@ def _probe_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     H, MQ, MK, N, scale,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    WITH_KEYS: tl.constexpr,
+    WITH_KEYS: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
     j = tl.program_id(1)
@@ -51,7 +63,7 @@ def _probe_kernel(
     q = tl.load(q_ptrs + offs_d[None, :], mask=rows[:, None] < MQ, other=0.0)
     k_ptrs = K + b * stride_kb + h * stride_kh + keys[:, None].to(tl.int64) * stride_kn
     k = tl.load(k_ptrs + offs_d[None, :], mask=real[:, None], other=0.0)
-    z = tl.dot(q.to(k.dtype), tl.trans(k)) * scale
+    z = _dot(q, tl.trans(k), k.dtype, UPCAST) * scale
     z = tl.where(real[None, :], z, float("-inf"))
     top = tl.max(z, axis=1)
     e = tl.exp(z - top[:, None])
@@ -63,7 +75,7 @@ def _probe_kernel(
         centered = tl.where(real[:, None], k.to(tl.float32) - shift[None, :], 0.0)
         offs_r = tl.arange(0, R)
         sketch = tl.load(Sketch + offs_d[:, None] * R + offs_r[None, :])
-        sketched = tl.dot(centered, sketch)  # (BLOCK_K, R)
+        sketched = _dot(centered, sketch, k.dtype, UPCAST)  # (BLOCK_K, R), float32
         mean = tl.dot(e / total[:, None], sketched)  # (BLOCK_P, R)
         tl.store(KeySketch + out[:, None] * R + offs_r[None, :], mean, mask=rows[:, None] < MQ)
 
@@ -97,6 +109,7 @@ def probe_stats(
         qhat.stride(0), qhat.stride(1), qhat.stride(2), k.stride(0), k.stride(1), k.stride(2),
         h, mq, mk, n, scale,
         BLOCK_P=block_p, BLOCK_K=block_k, D=d, R=r, WITH_KEYS=with_keys,
+        UPCAST=interpreting() and k.dtype == torch.bfloat16, num_warps=8,
     )  # fmt: skip
     return log_mass, key_sketch if with_keys else None
 
@@ -158,6 +171,6 @@ def greedy_drop(
     _greedy_kernel[(b * h * mq,)](
         log_mass.float().contiguous(), key_sketch.float().contiguous(), picks, values,
         mk, steps, float(kappa),
-        BLOCK_MK=block_mk, R=r, num_warps=4 if block_mk * r <= 8192 else 8,
+        BLOCK_MK=block_mk, R=r, num_warps=4 if block_mk * r < 8192 else 8,
     )  # fmt: skip
     return picks.long(), values
