@@ -16,6 +16,7 @@ from tailattn.select import BlockErr, SVG2State
 from tailattn.select.blocks import block_budget, pool_blocks
 from tailattn.select.error_aware import (
     Probe,
+    ProbeMerge,
     adaptive_counts,
     block_scores,
     greedy_drop_torch,
@@ -242,6 +243,23 @@ def test_svg2_order_carries_its_centroids_in_the_state():
     assert BlockErr(0.25).new_state() is None
 
 
+@pytest.mark.parametrize("for_tail", ["drop", "uta"])
+def test_probes_of_equal_queries_merge_into_one(for_tail):
+    """``probe=8``: four probes per query block of 32; when the queries of each block are equal
+    the probes are too, and the layout is the one of a single probe per block."""
+    q, k, _ = qkv(18)
+    q = q[:, :, ::32].repeat_interleave(32, dim=2)
+    one = BlockErr(0.3, for_tail=for_tail, block_q=32, block_k=32)(q, k, scale=0.2)
+    four = BlockErr(0.3, for_tail=for_tail, probe=8, block_q=32, block_k=32)(q, k, scale=0.2)
+    assert torch.equal(one.to_dense(), four.to_dense())
+
+
+def test_probe_merge_is_the_mean_over_each_blocks_probes():
+    x = torch.arange(2 * 7, dtype=torch.float64).view(1, 2, 7)  # 7 probes of 8 queries: N <= 56
+    merged = ProbeMerge(8, 32, 50).mean(x)
+    assert merged.tolist() == [[[1.5, 5.0], [8.5, 12.0]]]
+
+
 def test_rank_mode_keeps_the_largest_scores():
     q, k, _ = qkv(11)
     layout = BlockErr(0.25, for_tail="blocks", block_q=32, block_k=32)(q, k, scale=0.2)
@@ -361,6 +379,8 @@ def test_kernel_path_matches_the_reference(tail):
         ({"sketch": 0}, ValueError, "sketch must be positive"),
         ({"text_tokens": -2}, ValueError, "text_tokens must be an integer >= 0"),
         ({"block_q": 0}, ValueError, "block_q must be a positive integer"),
+        ({"probe": 48}, ValueError, "probe must divide block_q"),
+        ({"probe": 0}, ValueError, "probe must be positive"),
         ({"keep": 1.5}, ValueError, "keep must be in"),
     ],
 )

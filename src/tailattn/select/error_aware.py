@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from .._checks import accumulation_dtype, check_fraction, check_grid, check_positive
-from ..layout import BlockLayout, block_sizes, num_blocks
+from ..layout import BlockLayout, block_sizes, num_blocks, to_blocks
 from ..methods import registry
 from ..permute import permute_tokens
 from .blocks import block_budget, check_block_size, layout_from_ranking, pool_blocks
@@ -113,16 +113,6 @@ def sketch_matrix(d: int, r: int, dtype: torch.dtype, device: torch.device) -> t
     return _sketch_matrix(d, r, dtype, str(device))
 
 
-def _padded_keys(k: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, Mk, bk, D) keys zero-padded and the (Mk, bk) bool mask of real tokens."""
-    b, h, n, d = k.shape
-    mk = num_blocks(n, block_k)
-    padded = k.new_zeros(b, h, mk * block_k, d)
-    padded[:, :, :n] = k
-    real = (torch.arange(mk * block_k, device=k.device) < n).view(mk, block_k)
-    return padded.view(b, h, mk, block_k, d), real
-
-
 def probe_stats_torch(
     qhat: torch.Tensor,
     k: torch.Tensor,
@@ -138,8 +128,9 @@ def probe_stats_torch(
         sketch: (D, r) or ``None`` (no mean keys).
     """
     b, h, mq, _ = qhat.shape
-    kb, real = _padded_keys(k, block_k)
+    kb = to_blocks(k, block_k)  # (B, H, Mk, bk, D), zero-padded
     mk = kb.shape[2]
+    real = (torch.arange(mk * block_k, device=k.device) < k.shape[2]).view(mk, block_k)
     keys = None
     if sketch is not None:
         shift = k.mean(dim=2, keepdim=True).unsqueeze(2)
@@ -271,6 +262,35 @@ def greedy_drop(probe: Probe, steps: int, kappa: float) -> tuple[torch.Tensor, t
     return greedy_drop_torch(*key_imbalance(probe), steps, kappa)
 
 
+@dataclass(frozen=True)
+class ProbeMerge:
+    """Probes of ``tile`` queries (``block_q / tile`` per query block) merged per query block."""
+
+    tile: int
+    block_q: int
+    n_q: int
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, P, ...) per probe -> (B, H, Mq, ...) mean over each query block's probes."""
+        if self.tile == self.block_q:
+            return x
+        ratio, mq = self.block_q // self.tile, num_blocks(self.n_q, self.block_q)
+        padded = x.new_zeros(x.shape[0], x.shape[1], mq * ratio, *x.shape[3:])
+        padded[:, :, : x.shape[2]] = x
+        probes = block_sizes(x.shape[2], ratio, x.device).to(x.dtype)
+        total = padded.view(x.shape[0], x.shape[1], mq, ratio, *x.shape[3:]).sum(3)
+        return total / probes.view(mq, *([1] * (x.ndim - 3)))
+
+    def probe(self, probe: Probe) -> Probe:
+        """One probe per query block whose masses and imbalances are the means of its probes'
+        (log p, and d / p as the mean key, so that :func:`key_imbalance` gives them back)."""
+        if self.tile == self.block_q:
+            return probe
+        p, d = (self.mean(x) for x in key_imbalance(probe))
+        tiny = torch.finfo(p.dtype).tiny
+        return Probe(torch.log(p.clamp_min(tiny)), d / p.clamp_min(tiny).unsqueeze(-1))
+
+
 def adaptive_counts(gains: torch.Tensor, total: int) -> torch.Tensor:
     """Blocks per query block from per-step gains (B, H, Mq, S), each row non-increasing: one
     block each, and the ``total - Mq`` largest gains of steps 2..S over the head. (B, H, Mq)."""
@@ -309,6 +329,7 @@ class BlockErr:
     kappa: float = 0.25
     sketch: int = 32
     text_tokens: int = 0
+    probe: int | None = None
     block_q: int = 128
     block_k: int = 128
 
@@ -328,6 +349,12 @@ class BlockErr:
             raise ValueError(f"text_tokens must be an integer >= 0, got {value!r}")
         check_block_size(self.block_q, "block_q")
         check_block_size(self.block_k, "block_k")
+        if self.probe is not None:
+            check_positive(self.probe, "probe", integer=True)
+            if self.block_q % self.probe:
+                raise ValueError(
+                    f"probe must divide block_q, got probe={self.probe}, block_q={self.block_q}"
+                )
 
     @property
     def search(self) -> str:
@@ -365,16 +392,18 @@ class BlockErr:
         """Key blocks per query block, most wanted first (B, H, Mq, R), and the gain of each
         (non-increasing, comparable over query blocks: the adaptive budget's currency)."""
         mk = num_blocks(k.shape[2], self.block_k)
-        qhat = pool_blocks(q, self.block_q)
+        tile = self.probe or self.block_q
+        qhat = pool_blocks(q, tile)
+        merge = ProbeMerge(tile, self.block_q, q.shape[2])
         if self.search == "greedy":
-            probe = probe_stats(qhat, k, scale, self.block_k, self.sketch)
+            probe = merge.probe(probe_stats(qhat, k, scale, self.block_k, self.sketch))
             steps = budget if self.budget == "fixed" else min(mk, 2 * budget)
             picks, objective = greedy_drop(probe, steps, float(self.kappa))
             before = torch.cat([objective[..., :1], objective[..., :-1]], dim=-1)
             return picks, non_increasing(before - objective)
         probe = probe_stats(qhat, k, scale, self.block_k, None)
         tail = tail_log_mass(qhat, k, scale, self.block_k, self.for_tail)
-        scores = block_scores(probe, tail.to(probe.log_mass.dtype))
+        scores = merge.mean(block_scores(probe, tail.to(probe.log_mass.dtype)))
         gains, ranked = scores.topk(budget if self.budget == "fixed" else mk, dim=-1)
         return ranked, gains
 
