@@ -46,9 +46,11 @@ ERROR_AWARE_METHODS = (
     "block-err+uta",
     "block-err(for_tail=blocks)+blocks",
     "block-err+moment",
+    "block-err(for_tail=drop, budget=adaptive)",
+    "block-err(budget=adaptive)+uta",
 )
-"""The error-aware selection (issue 16) with each tail next to block-topk with the same tail;
-``--methods errors``."""
+"""The error-aware selection (issue 16) with each tail next to block-topk with the same tail,
+and its adaptive budget; ``--methods errors``."""
 
 METHOD_SETS = {"paper": DEFAULT_METHODS, "peers": PEER_METHODS, "errors": ERROR_AWARE_METHODS}
 """Named method lists: a ``--methods`` entry with one of these names stands for the list."""
