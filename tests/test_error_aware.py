@@ -163,6 +163,48 @@ def test_a_block_of_equal_keys_has_no_mass_error_under_blocks():
 FOR = ("drop", "uta", "blocks")
 
 
+def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation along the last dimension."""
+    rx, ry = (t.argsort(-1).argsort(-1).double() for t in (x, y))
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    return (rx * ry).sum(-1) / (rx.norm(dim=-1) * ry.norm(dim=-1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tail", ["uta", "blocks"])
+def test_tail_score_ranks_blocks_like_their_exact_expected_error(seed, tail):
+    """Where the estimator's assumptions hold (one query per block, so the probe is the query;
+    values i.i.d. with covariance sigma^2 I), e_j is linear in the values, e_j = sum_t c_jt v_t,
+    and E|e_j|^2 = sigma^2 D |c_j|^2 exactly (float64). The score (p - a)^2 + p^2 ranks the
+    blocks as that exact expectation does."""
+    q, k, v = qkv(seed, n=256, d=16, h=1)
+    s, bk = 0.5, 16
+    probes = q[:, :, :8]  # eight queries, each its own block
+    probe = probe_stats_torch(probes, k, s, bk, None)
+    score = block_scores(probe, tail_log_mass(probes, k, s, bk, tail))[0, 0]
+    z = s * probes[0, 0] @ k[0, 0].T
+    weights = torch.softmax(z, -1)  # (8, N)
+    onehot = torch.nn.functional.one_hot(torch.arange(256) // bk).double()  # (N, Mk)
+    sizes = onehot.sum(0)
+    p = weights @ onehot
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    if tail == "blocks":
+        zhat = s * probes[0, 0] @ (onehot.T @ k[0, 0] / sizes[:, None]).T
+    else:  # the model's uta logit: the mean logit over all keys
+        zhat = z.mean(-1, keepdim=True)
+    a = torch.exp(zhat + sizes.log() - lse)
+    uniform = (onehot.T / sizes[:, None]).unsqueeze(0)  # vbar_j = uniform_j . v
+    within = weights.unsqueeze(1) * onehot.T.unsqueeze(0) / p.unsqueeze(-1)  # mu_j = within_j . v
+    coeff = (a - p).unsqueeze(-1) * (uniform - weights.unsqueeze(1)) - p.unsqueeze(-1) * (
+        within - uniform
+    )
+    mu, vbar, out = within @ v[0, 0], uniform @ v[0, 0], weights @ v[0, 0]
+    e = (a - p).unsqueeze(-1) * (vbar - out.unsqueeze(1)) - p.unsqueeze(-1) * (mu - vbar)
+    assert torch.allclose(coeff @ v[0, 0], e, atol=1e-12)  # e_j = c_j . v, the identity's terms
+    expected = (coeff * coeff).sum(-1)  # E|e_j|^2 / (sigma^2 D)
+    assert bool((rank_correlation(score, expected) > 0.95).all())
+
+
 def test_greedy_objective_is_the_exact_drop_error_when_values_follow_the_keys():
     """With v = k Q (Q orthogonal), one query per block, no sketch and kappa = 0, the greedy's
     objective after each step is the exact squared drop error of the picked set."""
@@ -320,6 +362,31 @@ def test_the_study_evaluates_block_err_as_attention_does(queries):
     checks = study_and_library((q, k, v), specs, queries, GRID, backend="reference")
     for pair, got, _, sub, ref in checks:
         assert got["mse"] == pytest.approx(tailattn.metrics.mse(sub, ref), rel=1e-9), pair
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "block-err(for_tail=drop, block_q=32, block_k=32)",
+        "block-err(order=svg2, budget=adaptive, block_q=32, block_k=32)+uta",
+    ],
+)
+def test_through_apply_on_a_tiny_wan(spec):
+    """apply(): keep 1 is the stock model; keep 0.25 runs sparse in every layer (SVG2's order
+    with its per-layer state) and changes the output a bounded amount."""
+    pytest.importorskip("diffusers")
+    from diffusers_tiny import run, wan, wan_inputs
+    from tailattn.integrations.diffusers import apply
+
+    model, inputs = wan(), wan_inputs(700.0, frames=4, height=16, width=16)  # 256 tokens
+    stock = run(model, inputs)
+    with apply(model, spec, keep=1.0):
+        torch.testing.assert_close(run(model, inputs), stock, rtol=1e-5, atol=1e-5)
+    with apply(model, spec, keep=0.25) as handle:
+        sparse = run(model, inputs)
+    assert [(c.dense, c.keep) for c in handle.calls] == [(False, 0.25)] * 2
+    change = float((sparse - stock).norm() / stock.norm())
+    assert bool(torch.isfinite(sparse).all()) and 1e-4 < change < 0.5
 
 
 # ------------------------------------------------------------------ Triton (interpreter or GPU)

@@ -17,21 +17,29 @@ the probe contains the second-moment correction s^2 qhat^T Cov_j(k) qhat of the 
 higher one, at the cost of one product qhat K^T (1 / block_q of dense QK). ``kap`` is kept as a
 seeded Gaussian sketch of ``sketch`` dimensions (JL: squared norms are kept in expectation).
 
-**Tail error of a dropped block.** A block tail gives every dropped key of block j one implied
-logit zhat_j (``drop``: -inf; ``blocks``: s qhat . kbar_j; ``uta``: the mean dropped logit,
-here s qhat . kbar over all keys, since at least 1 - keep of the keys are dropped). With
-a_mj = n_j e^{zhat_j} / sum_t e^{z_t} and the exact output O of the probe, the error of the
-output, summed over the dropped blocks D, is exactly
+**Tail error of a dropped block.** References are to the UTA paper (seed 001). A block tail
+gives every dropped key of block j one implied logit zhat_j (``drop``: -inf, the Top-K
+renormalization of Eq. 5-6; ``blocks``: s qhat . kbar_j; ``uta``: the mean dropped logit of
+Eq. 10 and 13, here s qhat . kbar over all keys, since at least 1 - keep of the keys are
+dropped). With a_mj = n_j e^{zhat_j} / sum_t e^{z_t}, the exact output O of the probe and
+p_j, mu_j the block's mass and attention-weighted value, splitting Eq. 7 into kept and dropped
+blocks and subtracting the tail's output (Eq. 14 for ``uta``) gives exactly
 
     O_tail - O = sum_{j in D} e_j / (sum_{j in T} p_j + sum_{j in D} a_j),
     e_j = (a_j - p_j)(vbar_j - O) - p_j (mu_j - vbar_j)
 
-with mu_j the block's attention-weighted value (the mass misweighting of the block times its
-value offset, plus the block's own value spread). Values are not seen: taking both value terms
-of the same unknown size for every block and uncorrelated (the queries of a block weigh its
-keys less evenly than their mean does, so the probe's own within-block weights do not tell the
-second one), ``E |e_j|^2 ~ (p_j - a_j)^2 + p_j^2`` (``uta``, ``blocks``; ``moment`` is scored
-as ``uta``), and ``rank`` keeps the blocks of largest score.
+(the mass misweighting of the block times its value offset, plus the block's own value
+spread). For ``drop`` (a_j = 0) it is Eq. 6 grouped by blocks; Theorem 3.1 (Eq. 8-9) per
+block: equal logits in block j make a_j = p_j (``blocks``) and mu_j = vbar_j, so e_j = 0.
+
+**Tails: ranked.** Values are not seen: taking both value terms of the same unknown size
+sigma_v for every block and uncorrelated (the queries of a block weigh its keys less evenly
+than their mean does, so the probe's own within-block weights do not tell the second one),
+
+    E |e_j|^2 / sigma_v^2 ~ (p_j - a_j)^2 + p_j^2
+
+(``uta``, ``blocks``; ``moment`` is scored as ``uta``), and ``rank`` keeps the blocks of
+largest score.
 
 **Drop: a set function.** For ``drop`` the error does not add up block by block:
 ``O_T - O = sum_{t in T} p_t (v_t - O) / r_T``, which vanishes when the kept blocks' weighted
