@@ -39,3 +39,12 @@ def test_block_rows_time_their_selection_and_block_err_reports_its_share():
     table = calls.to_markdown(rows, "cpu")
     assert "| call | keep | density | ms | x dense SDPA | selection ms | note |" in table
     assert "| topk+uta | 0.5 | 0.500 |" in table and "| - |" in table
+
+
+def test_method_lists_of_the_command_line():
+    text = "block-err(for_tail=drop, budget=adaptive)@0.1; rectified ;block-topk+uta@0.2"
+    assert calls.parse_methods(text) == (
+        ("block-err(for_tail=drop, budget=adaptive)", 0.1),
+        ("rectified", None),
+        ("block-topk+uta", 0.2),
+    )

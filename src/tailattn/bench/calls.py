@@ -217,6 +217,12 @@ def run(
     return _with_scoring_share(rows)
 
 
+def parse_methods(text: str) -> tuple[tuple[str, float | None], ...]:
+    """``"spec@keep;spec"`` -> ``((spec, keep), (spec, None))``: no keep, the method's own."""
+    pairs = (item.strip().partition("@") for item in text.split(";") if item.strip())
+    return tuple((spec.strip(), float(keep) if sep else None) for spec, sep, keep in pairs)
+
+
 def to_markdown(rows: Sequence[CallRow], title: str) -> str:
     lines = [
         f"### {title}",
@@ -238,11 +244,13 @@ def main() -> None:  # pragma: no cover - a GPU benchmark entry point
     parser = argparse.ArgumentParser(description="per-call speed of tailattn.attention")
     parser.add_argument("--shape", default="1,12,32760,128", help="B,H,N,D")
     parser.add_argument("--grid", default="21,30,52", help="T,H,W with T*H*W = N")
+    parser.add_argument("--methods", default=None, help="spec@keep list, ';'-separated")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     grid = tuple(int(x) for x in args.grid.split(","))
-    rows = run(shape, grid, progress=print)  # type: ignore[arg-type]
+    methods = parse_methods(args.methods) if args.methods else CALL_METHODS
+    rows = run(shape, grid, methods, progress=print)  # type: ignore[arg-type]
     print(to_markdown(rows, f"one call, {shape} on {torch.cuda.get_device_name()}"))
     if args.json:
         with open(args.json, "w") as f:
