@@ -29,8 +29,10 @@ import triton.language as tl
 
 from .runtime import interpreting
 
-TINY = 1.1754943508222875e-38
-BIG = 3.4028234663852886e38
+TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
+"""Smallest normal float32: the floor of a denominator (a kernel global must be constexpr)."""
+BIG: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+"""Largest float32: the ceiling of an objective."""
 
 
 @triton.jit
