@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from tailattn.cli.common import split_methods
 from tailattn.methods import registry
 from tailattn.toy import data, quality, weights
 from tailattn.toy.pipeline import DEFAULT_GUIDANCE, DEFAULT_SHIFT
@@ -64,15 +65,16 @@ PRESETS = {
 def runs(
     selections: list[str], keeps: list[float], tails: list[str]
 ) -> list[tuple[str, float | None]]:
-    """The (spec, keep) pairs to measure: registered selections only, each with the tails of its
-    granularity; selections without a keep ratio run once with their default parameters. Sorted
-    by keep, then tail, then selection, so the smallest keep with drop and uta comes first; the
+    """The (spec, keep) pairs to measure: registered selections only (a name, or a name with
+    parameters such as ``block-err(for_tail=drop)``), each with the tails of its granularity;
+    selections without a keep ratio run once with their default parameters. Sorted by keep,
+    then tail, then selection, so the smallest keep with drop and uta comes first; the
     selections without a keep ratio come last (a run cut short by ``--max-minutes`` keeps the
     keep-ratio table whole as far as it got)."""
     known = registry.selections()
     chosen = []
     for name in selections:
-        entry = known.get(name)
+        entry = known.get(name.split("(")[0].strip())
         if entry is None:
             print(f"skipping {name}: not registered", file=sys.stderr)
             continue
@@ -311,7 +313,7 @@ def main() -> None:
     print(f"model quality at {time.perf_counter() - start:.0f} s: {model_q}", file=sys.stderr)
     labels = torch.arange(len(data.SHAPES), device=args.device).repeat(args.clips_per_label)
     plan = runs(
-        args.selections.split(","),
+        list(split_methods(args.selections) or ()),
         [float(k) for k in args.keeps.split(",")],
         args.tails.split(","),
     )

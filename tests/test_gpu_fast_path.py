@@ -17,6 +17,8 @@ FAST = [
     ("block-topk+blocks", 0.25),
     ("block-topk+moment", 0.25),
     ("block-topp+uta", None),
+    ("block-err+uta", 0.25),
+    ("block-err(for_tail=drop, budget=adaptive)", 0.25),
     ("radial+uta", 0.25),
     ("window+uta", 0.25),
     ("dfs(warmup=0)+uta", 0.25),

@@ -1,5 +1,7 @@
-"""The scripts under scripts/: their command lines answer bad input with one line."""
+"""The scripts under scripts/: their command lines answer bad input with one line; the toy
+report's plan; the error-aware diagnostics against the library (float64)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import tailattn
+from tailattn.cli.common import split_methods
+from tailattn.data.synthetic import SyntheticSource
+from tailattn.select import BlockErr
+from tailattn.select.blocks import block_budget, pool_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +75,69 @@ def test_toy_anatomy_compares_the_toy_with_a_preset(tmp_path):
     assert "| 3 | 1 | 0.250 |" in text  # the toy per layer and head
     assert "| toy | block-topk+uta | 0.1 | 1.000e-03 | -50.0 % |" in text
     assert (out / "anatomy.png").stat().st_size > 0
+
+
+def script(name: str):
+    """scripts/NAME.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_report_takes_selections_with_parameters():
+    pytest.importorskip("diffusers")
+    report = script("toy_report")
+    selections = list(split_methods("block-topk, block-err(for_tail=drop, budget=adaptive)"))
+    assert report.runs(selections, [0.1], ["drop", "uta"]) == [
+        ("block-topk+drop", 0.1),
+        ("block-err(for_tail=drop, budget=adaptive)+drop", 0.1),
+        ("block-topk+uta", 0.1),
+        ("block-err(for_tail=drop, budget=adaptive)+uta", 0.1),
+    ]
+
+
+@pytest.fixture(scope="module")
+def diagnostics():
+    return script("error_aware_diagnostics")
+
+
+@pytest.mark.parametrize("tail", ["drop", "uta"])
+def test_diagnostics_exact_errors_are_the_librarys(diagnostics, tail):
+    """The closed-form MSE of a kept set per query block equals tailattn.attention's (float64)."""
+    q, k, v = (x.double() for x in SyntheticSource("small").head(1))
+    out, info = tailattn.attention(
+        q, k, v, f"block-topk+{tail}", keep=0.2, backend="reference", return_info=True
+    )
+    full = tailattn.full_attention(q, k, v)
+    mask = info["layout"].to_dense()[0, 0]
+    for m in (0, 7, mask.shape[0] - 1):
+        rows = slice(m * 128, (m + 1) * 128)
+        block = diagnostics.QueryBlock(q[0, 0, rows], k[0, 0], v[0, 0], q.shape[-1] ** -0.5)
+        expected = ((out[0, 0, rows] - full[0, 0, rows]) ** 2).mean()
+        assert float(block.mse(mask[m], tail)) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_value_aware_greedy_is_block_errs_when_values_are_rotated_keys(diagnostics):
+    """With v = k Q (Q orthogonal) and no sketch, the probe's mean values have the key
+    imbalances' norms and inner products: the same greedy picks as block-err(for_tail=drop)."""
+    q, k, _ = (x[0, 0].double() for x in SyntheticSource("small").head(2))
+    rot = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))[0]
+    v = k @ rot.double()
+    sel = BlockErr(0.2, for_tail="drop", sketch=64)
+    kept = sel(q[None, None], k[None, None], scale=0.125).to_dense()[0, 0]
+    qhat = pool_blocks(q[None, None], 128)[0, 0]
+    steps = block_budget(0.2, kept.shape[1])
+    for m in (0, 5, 11):
+        found = diagnostics.value_aware_greedy(qhat[m], k, v, 0.125, steps, 0.25)
+        assert torch.equal(found, kept[m])
+
+
+def test_diagnostics_report_of_one_head(diagnostics):
+    q, k, v = (x[0, 0].double() for x in SyntheticSource("small").head(3))
+    report = diagnostics.head_report(q, k, v, 0.2, [1, 6], 0.25)
+    kinds = ("block-topk", "block-err", "exact greedy")
+    expected = {f"{t}: {name}" for t in ("drop", "uta") for name in kinds} | {"drop: value-aware"}
+    assert set(report["mse"]) == expected and min(report["mse"].values()) > 0
+    assert 0 <= report["uta_top_overlap"] <= 1 and -1 <= report["uta_score_spearman"] <= 1
+    assert 0 < report["r2_v_on_k"] <= 1

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .calls import parse_methods
+
 WAN_COMMON = {
     "patch_size": (1, 2, 2),
     "attention_head_dim": 128,
@@ -342,12 +344,7 @@ def main() -> None:  # pragma: no cover - a GPU benchmark entry point
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    methods = E2E_METHODS
-    if args.methods:
-        methods = tuple(
-            (m.split("@")[0], float(m.split("@")[1]) if "@" in m else None)
-            for m in args.methods.split(";")
-        )
+    methods = parse_methods(args.methods) if args.methods else E2E_METHODS
     rows: list[StepRow] = []
     for name in args.models.split(","):
         rows += run(

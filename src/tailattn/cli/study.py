@@ -23,8 +23,8 @@ def study(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="method specs for table1/recall, e.g. 'topk,topk+uta'; 'paper' and 'peers' "
-            "stand for named lists"
+            help="method specs for table1/recall, e.g. 'topk,topk+uta'; 'paper', 'peers' and "
+            "'errors' stand for named lists"
         ),
     ] = None,
     keep: Annotated[

@@ -3,6 +3,7 @@
 from .blocks import BlockTopK, BlockTopP, pool_blocks, pooled_logits, pooled_scores
 from .dfs import DFS, DFSState, tile_block_scores
 from .dynamic import Blasst, Recall
+from .error_aware import BlockErr
 from .oracle import Full, Threshold, TopK, TopP
 from .rectified import Rectified, neighbour_blocks
 from .static import Radial, Window, radial_block_mask, window_block_mask
@@ -12,6 +13,7 @@ __all__ = [
     "DFS",
     "SVG2",
     "Blasst",
+    "BlockErr",
     "BlockTopK",
     "BlockTopP",
     "DFSState",

@@ -37,7 +37,22 @@ PEER_METHODS = (
 """The peer methods (DFSAttn, Rectified SpaAttn, BLASST, fixed recall) and the block top-p
 baselines Rectified is compared with; ``--methods peers``."""
 
-METHOD_SETS = {"paper": DEFAULT_METHODS, "peers": PEER_METHODS}
+ERROR_AWARE_METHODS = (
+    "block-topk",
+    "block-topk+uta",
+    "block-topk+blocks",
+    "block-topk+moment",
+    "block-err(for_tail=drop)",
+    "block-err+uta",
+    "block-err(for_tail=blocks)+blocks",
+    "block-err+moment",
+    "block-err(for_tail=drop, budget=adaptive)",
+    "block-err(budget=adaptive)+uta",
+)
+"""The error-aware selection (issue 16) with each tail next to block-topk with the same tail,
+and its adaptive budget; ``--methods errors``."""
+
+METHOD_SETS = {"paper": DEFAULT_METHODS, "peers": PEER_METHODS, "errors": ERROR_AWARE_METHODS}
 """Named method lists: a ``--methods`` entry with one of these names stands for the list."""
 
 

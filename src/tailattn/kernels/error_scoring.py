@@ -1,0 +1,178 @@
+r"""Scoring kernels of the error-aware selection ``block-err`` (:mod:`tailattn.select.error_aware`).
+
+``probe_stats``: per (query block m, key block j), for the probe query qhat_m (the block's mean
+query) against every key t of block j, z_t = s qhat_m . k_t,
+
+    log_mass[m, j] = log sum_{t in j} e^{z_t}
+    key_sketch[m, j] = sum_{t in j} softmax_j(z)_t (k_t - kbar) S        (optional, (r,))
+
+with kbar the mean key of the head and S a (D, r) sketch matrix. One program per (BLOCK_P
+probes, key block, batch x head): QK^T on tensor cores, the block's softmax, and (k - kbar) S
+(in the keys' dtype) then P (k - kbar) S, so the keys are read once per probe tile. Not yet
+timed on a GPU: the tile sizes and warp counts are first guesses.
+
+``greedy_drop``: one program per query block: from its row of ``log_mass`` and ``key_sketch``
+the block masses p_j, the imbalances d_j = p_j (kap_j - sum_i p_i kap_i), then ``steps`` greedy
+steps, each adding the block j that minimises
+
+    J = (|t + d_j|^2 + kappa (rest - |d_j|^2)) / (mass + p_j)^2
+
+(t: the kept imbalance, mass: the kept mass, rest: the sum of |d|^2 over the dropped blocks);
+ties go to the lowest id. The row (Mk x r floats) stays in registers for all steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import interpreting
+
+TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
+"""Smallest normal float32: the floor of a denominator (a kernel global must be constexpr)."""
+BIG: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+"""Largest float32: the ceiling of an objective."""
+
+
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with a and b in ``DTYPE``, accumulated in float32; ``UPCAST`` multiplies in float32
+    (the CPU interpreter mis-multiplies bf16)."""
+    if UPCAST:
+        return tl.dot(a.to(DTYPE).to(tl.float32), b.to(DTYPE).to(tl.float32))
+    return tl.dot(a.to(DTYPE), b.to(DTYPE))
+
+
+@triton.jit
+def _probe_kernel(
+    Q, K, Shift, Sketch, LogMass, KeySketch,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    H, MQ, MK, N, scale,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    WITH_KEYS: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    j = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    keys = j * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    real = keys < N
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qm
+    q = tl.load(q_ptrs + offs_d[None, :], mask=rows[:, None] < MQ, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + keys[:, None].to(tl.int64) * stride_kn
+    k = tl.load(k_ptrs + offs_d[None, :], mask=real[:, None], other=0.0)
+    z = _dot(q, tl.trans(k), k.dtype, UPCAST) * scale
+    z = tl.where(real[None, :], z, float("-inf"))
+    top = tl.max(z, axis=1)
+    e = tl.exp(z - top[:, None])
+    total = tl.sum(e, axis=1)
+    out = bh.to(tl.int64) * MQ * MK + rows.to(tl.int64) * MK + j
+    tl.store(LogMass + out, top + tl.log(total), mask=rows < MQ)
+    if WITH_KEYS:
+        shift = tl.load(Shift + bh.to(tl.int64) * D + offs_d)
+        centered = tl.where(real[:, None], k.to(tl.float32) - shift[None, :], 0.0)
+        offs_r = tl.arange(0, R)
+        sketch = tl.load(Sketch + offs_d[:, None] * R + offs_r[None, :])
+        sketched = _dot(centered, sketch, k.dtype, UPCAST)  # (BLOCK_K, R), float32
+        mean = tl.dot(e / total[:, None], sketched)  # (BLOCK_P, R)
+        tl.store(KeySketch + out[:, None] * R + offs_r[None, :], mean, mask=rows[:, None] < MQ)
+
+
+def probe_stats(
+    qhat: torch.Tensor, k: torch.Tensor, scale: float, block_k: int, sketch: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probe log masses (B, H, Mq, Mk) and, with ``sketch`` (D, r) float32, the sketched
+    attention-weighted mean keys (B, H, Mq, Mk, r), both float32.
+
+    Args:
+        qhat: (B, H, Mq, D) probe queries; k: (B, H, N, D) keys with unit stride on D; D, r and
+            ``block_k`` powers of two >= 16.
+    """
+    b, h, mq, d = qhat.shape
+    n = k.shape[2]
+    r = 16 if sketch is None else sketch.shape[1]
+    if k.stride(-1) != 1 or d & (d - 1) or block_k & (block_k - 1) or r & (r - 1):
+        raise ValueError("probe_stats needs unit-stride keys and power-of-two D, block_k, r")
+    if min(d, block_k, r) < 16:
+        raise ValueError(f"probe_stats needs D, block_k, r >= 16, got {d}, {block_k}, {r}")
+    mk = triton.cdiv(n, block_k)
+    log_mass = torch.empty(b, h, mq, mk, device=k.device, dtype=torch.float32)
+    with_keys = sketch is not None
+    key_sketch = torch.empty(b, h, mq, mk, r if with_keys else 1, device=k.device)
+    shift = k.mean(dim=2, dtype=torch.float32).contiguous() if with_keys else log_mass
+    block_p = max(16, min(64, triton.next_power_of_2(mq)))
+    _probe_kernel[(triton.cdiv(mq, block_p), mk, b * h)](
+        qhat, k, shift, sketch.contiguous() if with_keys else log_mass,
+        log_mass, key_sketch,
+        qhat.stride(0), qhat.stride(1), qhat.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        h, mq, mk, n, scale,
+        BLOCK_P=block_p, BLOCK_K=block_k, D=d, R=r, WITH_KEYS=with_keys,
+        UPCAST=interpreting() and k.dtype == torch.bfloat16, num_warps=8,
+    )  # fmt: skip
+    return log_mass, key_sketch if with_keys else None
+
+
+@triton.jit
+def _greedy_kernel(
+    LogMass, KeySketch, Picks, Values, MK, STEPS, kappa,
+    BLOCK_MK: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_MK)
+    offs_r = tl.arange(0, R)
+    valid = offs < MK
+    log_mass = tl.load(LogMass + row * MK + offs, mask=valid, other=float("-inf"))
+    e = tl.exp(log_mass - tl.max(log_mass, axis=0))
+    p = e / tl.sum(e, axis=0)
+    kap = tl.load(
+        KeySketch + (row * MK + offs[:, None]) * R + offs_r[None, :], mask=valid[:, None], other=0.0
+    )
+    d = p[:, None] * (kap - tl.sum(p[:, None] * kap, axis=0)[None, :])
+    norms = tl.sum(d * d, axis=1)
+    kept_sum = tl.zeros([R], dtype=tl.float32)
+    mass = tl.sum(tl.zeros([BLOCK_MK], dtype=tl.float32), axis=0)
+    rest = tl.sum(norms, axis=0)
+    kept = offs < 0
+    for step in range(STEPS):
+        num = tl.sum(kept_sum * kept_sum, axis=0) + 2.0 * tl.sum(d * kept_sum[None, :], axis=1)
+        num = num + norms + kappa * (rest - norms)
+        den = (mass + p) * (mass + p)
+        objective = tl.minimum(num / tl.maximum(den, TINY), BIG)
+        objective = tl.where(kept | ~valid, float("inf"), objective)
+        best = tl.argmin(objective, axis=0, tie_break_left=True)
+        tl.store(Picks + row * STEPS + step, best.to(tl.int32))
+        tl.store(Values + row * STEPS + step, tl.min(objective, axis=0))
+        chosen = offs == best
+        kept_sum += tl.sum(tl.where(chosen[:, None], d, 0.0), axis=0)
+        mass += tl.sum(tl.where(chosen, p, 0.0), axis=0)
+        rest -= tl.sum(tl.where(chosen, norms, 0.0), axis=0)
+        kept = kept | chosen
+
+
+def greedy_drop(
+    log_mass: torch.Tensor, key_sketch: torch.Tensor, steps: int, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy picks (B, H, Mq, steps) int64 and the objective after each step (float32).
+
+    Args:
+        log_mass: (B, H, Mq, Mk) and key_sketch: (B, H, Mq, Mk, r) float32 from
+            :func:`probe_stats` (r a power of two).
+        steps: in [1, Mk].
+    """
+    b, h, mq, mk = log_mass.shape
+    r = key_sketch.shape[-1]
+    if r & (r - 1) or not 1 <= steps <= mk:
+        raise ValueError(f"greedy_drop needs a power-of-two r and steps in [1, {mk}]")
+    picks = torch.empty(b, h, mq, steps, device=log_mass.device, dtype=torch.int32)
+    values = torch.empty(b, h, mq, steps, device=log_mass.device, dtype=torch.float32)
+    block_mk = triton.next_power_of_2(mk)
+    _greedy_kernel[(b * h * mq,)](
+        log_mass.float().contiguous(), key_sketch.float().contiguous(), picks, values,
+        mk, steps, float(kappa),
+        BLOCK_MK=block_mk, R=r, num_warps=4 if block_mk * r < 8192 else 8,
+    )  # fmt: skip
+    return picks.long(), values
