@@ -141,3 +141,15 @@ def test_diagnostics_report_of_one_head(diagnostics):
     assert set(report["mse"]) == expected and min(report["mse"].values()) > 0
     assert 0 <= report["uta_top_overlap"] <= 1 and -1 <= report["uta_score_spearman"] <= 1
     assert 0 < report["r2_v_on_k"] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_profile_selection_without_cuda_is_a_one_line_error():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "profile_selection.py")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+    )
+    assert result.returncode == 1
+    assert "needs CUDA" in result.stderr and "Traceback" not in result.stderr
