@@ -422,6 +422,26 @@ def test_scoring_kernels_match_pytorch():
 
 
 @needs_triton
+def test_greedy_kernel_matches_pytorch_over_many_steps():
+    """The kernel reads the chosen block's mass and imbalance back from memory each step; picks
+    and objectives must still be PyTorch's (40 key blocks, a masked tail of the row, 12 steps)."""
+    pytest.importorskip("triton")
+    from tailattn.kernels.error_scoring import greedy_drop
+
+    gen = torch.Generator().manual_seed(21)
+    log_mass = torch.randn(2, 3, 5, 40, generator=gen, dtype=torch.float64) * 2
+    key_sketch = torch.randn(2, 3, 5, 40, 16, generator=gen, dtype=torch.float64)
+    picks, objective = greedy_drop(
+        log_mass.float().to(DEVICE), key_sketch.float().to(DEVICE), 12, 0.7
+    )
+    ref_picks, ref_objective = greedy_drop_torch(
+        *key_imbalance(Probe(log_mass, key_sketch)), 12, 0.7
+    )
+    assert torch.equal(picks.cpu(), ref_picks)
+    assert torch.allclose(objective.double().cpu(), ref_objective, rtol=1e-4)
+
+
+@needs_triton
 @pytest.mark.parametrize("tail", ["drop", "uta", "blocks", "moment"])
 def test_kernel_path_matches_the_reference(tail):
     pytest.importorskip("triton")
