@@ -23,9 +23,9 @@ block's p and d are read back from memory, so a step has one reduction over the 
 (the argmin).
 
 Timed on an H200 at Wan2.1-1.3B 480p (B=1, H=12, 256 x 256 blocks of 128, r = 32, 26 steps;
-2026-11-30): ``probe_stats`` 0.19 ms for the masses, 0.60 ms with sketches (0.65 ms when every
-probe tile sketched its key block again); ``greedy_drop`` 0.43 ms (0.67 ms with three masked
-sums per step).
+2026-11-30; CUDA time of the kernels): ``probe_stats`` 0.19 ms for the masses, 0.56 ms with
+sketches (0.65 ms when every probe tile sketched its key block again); ``greedy_drop`` 0.43 ms
+(0.67 ms with three masked sums per step).
 """
 
 from __future__ import annotations
