@@ -192,11 +192,11 @@ def tail_log_mass(
 ) -> torch.Tensor:
     """log(n_j e^{zhat_mj}), the mass the tail gives key block j, unnormalized (module
     docstring), (B, H, Mq, Mk); -inf for ``drop``."""
-    kbar = pool_blocks(k, block_k).to(qhat.dtype)
-    log_count = torch.log(block_sizes(k.shape[2], block_k, k.device).to(qhat.dtype))
     if for_tail == "drop":
-        return qhat.new_full((*qhat.shape[:3], kbar.shape[2]), float("-inf"))
-    if for_tail == "blocks":
+        return qhat.new_full((*qhat.shape[:3], num_blocks(k.shape[2], block_k)), float("-inf"))
+    log_count = torch.log(block_sizes(k.shape[2], block_k, k.device).to(qhat.dtype))
+    if for_tail == "blocks":  # the pooled keys only here: pooling k is a pass over all keys
+        kbar = pool_blocks(k, block_k).to(qhat.dtype)
         return scale * qhat @ kbar.mT + log_count
     key_mean = k.mean(dim=2, keepdim=True).to(qhat.dtype)
     return scale * qhat @ key_mean.mT + log_count
