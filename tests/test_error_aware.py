@@ -402,8 +402,8 @@ def test_scoring_kernels_match_pytorch():
     pytest.importorskip("triton")
     from tailattn.kernels.error_scoring import greedy_drop, probe_stats
 
-    q, k, _ = qkv(14, n=300, d=32, dtype=torch.float32)
-    qhat = pool_blocks(q, 64).to(DEVICE)
+    q, k, _ = qkv(14, n=300, d=32, b=2, dtype=torch.float32)
+    qhat = pool_blocks(q, 4).to(DEVICE)  # 75 probes per head: two tiles of probes
     sketch = sketch_matrix(32, 16, torch.float32, torch.device(DEVICE))
     log_mass, key_sketch = probe_stats(qhat, k.to(DEVICE), 0.25, 64, sketch)
     ref = probe_stats_torch(qhat.double().cpu(), k.double(), 0.25, 64, sketch.double().cpu())
@@ -431,6 +431,9 @@ def test_greedy_kernel_matches_pytorch_over_many_steps():
     gen = torch.Generator().manual_seed(21)
     log_mass = torch.randn(2, 3, 5, 40, generator=gen, dtype=torch.float64) * 2
     key_sketch = torch.randn(2, 3, 5, 40, 16, generator=gen, dtype=torch.float64)
+    log_mass[..., [3, 17]] = log_mass.amax(-1, keepdim=True) + 3  # two equal heavy blocks:
+    key_sketch[..., 17, :] = key_sketch[..., 3, :]  # a tie, which the lower id wins (checks
+    # tie_break_left on the GPU; the interpreter's argmin always takes the first)
     picks, objective = greedy_drop(
         log_mass.float().to(DEVICE), key_sketch.float().to(DEVICE), 12, 0.7
     )

@@ -63,6 +63,10 @@ def load(
     """q, k, v (1, H, N, D) bf16 on ``device`` from ``synthetic:PRESET`` or a capture file (its
     first entry with the given ``layer`` and ``step``, either left out: any)."""
     if source.startswith("synthetic"):
+        if layer is not None or step is not None:
+            raise SystemExit(
+                "--layer and --step pick an entry of a capture file, not synthetic data"
+            )
         from ..data.synthetic import SyntheticSource
 
         preset = source.partition(":")[2] or "wan-1.3b-480p"

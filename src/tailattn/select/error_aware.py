@@ -263,7 +263,8 @@ def greedy_drop(probe: Probe, steps: int, kappa: float) -> tuple[torch.Tensor, t
     if sketch is None:
         raise ValueError("greedy_drop needs a probe with key sketches")
     r = sketch.shape[-1]
-    if sketch.device.type == "cuda" and not r & (r - 1) and _triton_installed():
+    cuda = sketch.device.type == "cuda" and sketch.dtype != torch.float64
+    if cuda and not r & (r - 1) and _triton_installed():
         from ..kernels.error_scoring import greedy_drop as kernel
 
         return kernel(probe.log_mass, sketch, steps, kappa)
