@@ -24,3 +24,8 @@ def test_a_capture_entry_is_picked_by_layer_and_step(tmp_path):
     assert torch.equal(first[0], sent[0, 0][0][:, [1]].to(torch.bfloat16))
     with pytest.raises(SystemExit, match="no entry with layer 4 and step 3"):
         load(str(path), None, "cpu", layer=4, step=3)
+
+
+def test_layer_and_step_are_refused_for_synthetic_data():
+    with pytest.raises(SystemExit, match="pick an entry of a capture file"):
+        load("synthetic:small", None, "cpu", layer=1)
