@@ -5,7 +5,7 @@
 #
 # Stages: env (versions), tests (the GPU test files: kernels for real, sync-freedom, CUDA
 # graphs), suite (every test), skip (in-loop skipping on synthetic attention; skip-toy: on a
-# capture of the toy model, layer 3 at step 10 of 20), calls (per-call table; calls-old: the
+# capture of the shipped toy model, layer 4 at step 13 of 20), calls (per-call table; calls-old: the
 # same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B and the
 # HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
 # e2e-14b-compiled (block-topk+drop and +uta at keep 0.1, compile_repeated_blocks()). Wheels
@@ -39,10 +39,10 @@ for stage in "$@"; do
       timeout 240 python3 -m tailattn.bench.skipping --json "$OUT/skip_synthetic.json" 2>&1 | log
       ;;
     skip-toy)
-      timeout 120 python3 -m tailattn capture --model toy --prompt disc --layers 3 --steps 10 \
-        --num-steps 20 --out /tmp/toy_l3s10.safetensors 2>&1 | tail -3 | log &&
-      timeout 240 python3 -m tailattn.bench.skipping --source /tmp/toy_l3s10.safetensors \
-        --json "$OUT/skip_toy.json" 2>&1 | log
+      timeout 150 python3 -m tailattn.toy.capture --out /tmp/toy_capture.safetensors \
+        --device cuda --steps 20 2>&1 | tail -3 | log &&
+      timeout 240 python3 -m tailattn.bench.skipping --source /tmp/toy_capture.safetensors \
+        --layer 4 --step 13 --json "$OUT/skip_toy.json" 2>&1 | log
       ;;
     calls)
       timeout 240 python3 -m tailattn.bench.calls --json "$OUT/calls_new.json" 2>&1 | log
