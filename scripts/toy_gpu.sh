@@ -38,9 +38,16 @@ if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+need_diffusers() {  # checked before anything starts in the background
+  python3 -c "import diffusers" 2>/dev/null && return 0
+  echo "toy_gpu.sh: diffusers is not importable (no .whl/ here to install it from: run from the" \
+    "repository root, or put diffusers on PYTHONPATH)"
+  exit 3
+}
 
 case $stage in
   train)
+    need_diffusers
     minutes=${4:-13}
     mkdir -p "$run"
     rm -rf "$run/src" "$run/train.rc"
@@ -52,6 +59,7 @@ case $stage in
     echo "training started on GPU $gpu for $minutes minutes: $run/train.log, then $run/train.rc"
     ;;
   report)
+    need_diffusers
     mkdir -p "$OUT"
     work=$(mktemp -d)
     waited=0
