@@ -5,7 +5,9 @@
 #   bash scripts/toy_gpu.sh report GPU RUN            wait for it, measure; results under $OUT
 #
 # GPU is a device index (the stage sees only that GPU, as cuda). RUN is a directory outside the
-# checkout that lives between the two calls (e.g. /tmp/toy-run).
+# checkout that lives between the two calls (e.g. /tmp/toy-run). Run it from the repository
+# root: wheels in .whl/ (diffusers for the GPU image) are installed from there; without
+# diffusers both stages exit with status 3 before starting anything.
 #
 # train: copies src/ to RUN/src (the run must not depend on the checkout staying in place) and
 #   starts `python -m tailattn.toy.train --minutes MINUTES --device cuda --out RUN` (default
