@@ -6,7 +6,8 @@
 # Stages: env (versions), tests (the GPU test files: kernels for real, sync-freedom, CUDA
 # graphs), suite (every test), skip (in-loop skipping on synthetic attention; skip-toy: on a
 # capture of the shipped toy model, layer 4 at step 13 of 20), calls (per-call table; calls-old: the
-# same for an older checkout unpacked in .old/src), e2e-eager (Wan2.1-1.3B and the
+# same for an older checkout unpacked in .old/src; calls-block-err: block-err's rows and its
+# kernels by time), e2e-eager (Wan2.1-1.3B and the
 # HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
 # e2e-14b-compiled (block-topk+drop and +uta at keep 0.1, compile_repeated_blocks()). Wheels
 # in .whl (diffusers for the GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
@@ -30,7 +31,7 @@ for stage in "$@"; do
       # ~2 min of Triton compiles per file on an H200; SIGINT lets pytest print its summary
       timeout -s INT -k 30 420 python3 -m pytest -q -rfE -p no:cacheprovider --maxfail=20 \
         tests/test_gpu_fast_path.py tests/test_svg2.py tests/test_skipping_kernel.py \
-        tests/test_kernels.py tests/test_kmeans_kernel.py 2>&1 | tail -60 | log
+        tests/test_kernels.py tests/test_kmeans_kernel.py tests/test_error_aware.py 2>&1 | tail -60 | log
       ;;
     suite)
       timeout 420 python3 -m pytest -q -p no:cacheprovider --maxfail=30 tests 2>&1 | tail -40 | log
@@ -46,6 +47,11 @@ for stage in "$@"; do
       ;;
     calls)
       timeout 240 python3 -m tailattn.bench.calls --json "$OUT/calls_new.json" 2>&1 | log
+      ;;
+    calls-block-err)
+      timeout 240 python3 -m tailattn.bench.calls --methods "block-topk+drop@0.1;block-topk+uta@0.1;block-err(for_tail=drop)@0.1;block-err(for_tail=drop, budget=adaptive)@0.1;block-err+uta@0.1;block-err(budget=adaptive)+uta@0.1" \
+        --json "$OUT/calls_block_err.json" 2>&1 | log
+      timeout 120 python3 scripts/profile_selection.py --methods "block-err(for_tail=drop);block-err;block-topk" 2>&1 | log
       ;;
     calls-old)
       PYTHONPATH=$PWD/.old/src:/tmp/site timeout 240 python3 src/tailattn/bench/calls.py \
