@@ -17,6 +17,8 @@ from tailattn.contract import KernelTail
 from tailattn.kernels import skipping
 from tailattn.kernels.skipping import BlasstRule, RecallRule, skipping_attention
 
+if not torch.cuda.is_available():
+    sys.exit("error: gpu_sanitize_skipping.py needs CUDA (it runs the skipping kernel)")
 torch.manual_seed(0)
 worst = 0.0
 for n, d, dtype in [

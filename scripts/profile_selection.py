@@ -3,7 +3,8 @@ time (``torch.profiler``), per call.
 
     python scripts/profile_selection.py --methods "block-err(for_tail=drop);block-err;block-topk"
 
-Random bf16 q, k of the given shape (default Wan2.1-1.3B 480p: 1, 12, 32760, 128): the kernels
+Random bf16 q, k of the given shape (``--shape``: a preset of ``tailattn bench`` or B,H,N,D;
+default Wan2.1-1.3B 480p: 1, 12, 32760, 128): the kernels
 and their sizes do not depend on the values. The wall time of a call (``tailattn.bench.calls``)
 above its CUDA time is host work (Python, launches), which CUDA-graph capture removes.
 """
@@ -19,7 +20,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="block-err(for_tail=drop);block-err;block-topk")
-    parser.add_argument("--shape", default="1,12,32760,128", help="B,H,N,D")
+    parser.add_argument("--shape", default="wan-1.3b-480p", help="a shape preset or B,H,N,D")
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per method")
@@ -29,8 +30,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import tailattn
+    from tailattn.bench.kernel import parse_shape
 
-    shape = tuple(int(x) for x in args.shape.split(","))
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "qk")
     scale = shape[-1] ** -0.5

@@ -174,8 +174,9 @@ def _greedy_kernel(
     d = p[:, None] * (kap - kap_mean[None, :])
     norms = tl.sum(d * d, axis=1)
     kept_sum = tl.zeros([R], dtype=tl.float32)
-    kept_norm = tl.sum(kept_sum, axis=0)  # |kept_sum|^2
-    mass = kept_norm
+    zero = tl.sum(kept_sum, axis=0)  # a float32 scalar 0
+    kept_norm = zero  # |kept_sum|^2
+    mass = zero
     rest = tl.sum(norms, axis=0)
     kept = offs < 0
     for step in range(STEPS):
