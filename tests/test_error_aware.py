@@ -398,20 +398,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @needs_triton
-def test_scoring_kernels_match_pytorch():
+@pytest.mark.parametrize("block_p", [None, 16, 128])
+def test_scoring_kernels_match_pytorch(block_p):
     pytest.importorskip("triton")
     from tailattn.kernels.error_scoring import greedy_drop, probe_stats
 
     q, k, _ = qkv(14, n=300, d=32, b=2, dtype=torch.float32)
-    qhat = pool_blocks(q, 4).to(DEVICE)  # 75 probes per head: two tiles of probes
+    # 75 probes per head: two tiles by default, five of 16, one of 128 with masked rows
+    qhat = pool_blocks(q, 4).to(DEVICE)
     sketch = sketch_matrix(32, 16, torch.float32, torch.device(DEVICE))
-    log_mass, key_sketch = probe_stats(qhat, k.to(DEVICE), 0.25, 64, sketch)
+    log_mass, key_sketch = probe_stats(qhat, k.to(DEVICE), 0.25, 64, sketch, block_p=block_p)
     ref = probe_stats_torch(qhat.double().cpu(), k.double(), 0.25, 64, sketch.double().cpu())
     tol = 1e-2 if DEVICE == "cuda" else 1e-4  # float32 dots run as tf32 on the GPU
     assert float((log_mass.double().cpu() - ref.log_mass).abs().max()) < tol
     assert float((key_sketch.double().cpu() - ref.key_sketch).abs().max()) < tol
     keys = k.transpose(1, 2).contiguous().to(DEVICE, torch.bfloat16).transpose(1, 2)  # bnhd view
-    low, low_sketch = probe_stats(qhat, keys, 0.25, 64, sketch)
+    low, low_sketch = probe_stats(qhat, keys, 0.25, 64, sketch, block_p=block_p)
     assert float((low.double().cpu() - ref.log_mass).abs().max()) < 0.1
     assert float((low_sketch.double().cpu() - ref.key_sketch).abs().max()) < 0.1
     picks, objective = greedy_drop(log_mass, key_sketch, 4, 0.25)
@@ -419,6 +421,19 @@ def test_scoring_kernels_match_pytorch():
     ref_picks, ref_objective = greedy_drop_torch(*key_imbalance(probe), 4, 0.25)
     assert torch.equal(picks.cpu(), ref_picks)
     assert torch.allclose(objective.cpu(), ref_objective, rtol=1e-4)
+
+
+@needs_triton
+def test_probe_kernel_refuses_bad_layouts():
+    pytest.importorskip("triton")
+    from tailattn.kernels.error_scoring import probe_stats
+
+    q, k, _ = qkv(16, n=64, d=32, dtype=torch.float32)
+    qhat = pool_blocks(q, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="block_p"):
+        probe_stats(qhat, k.to(DEVICE), 0.25, 16, None, block_p=24)
+    with pytest.raises(ValueError, match="unit stride"):
+        probe_stats(qhat.mT.contiguous().mT, k.to(DEVICE), 0.25, 16, None)
 
 
 @needs_triton

@@ -113,22 +113,35 @@ def _probe_kernel(
 
 
 def probe_stats(
-    qhat: torch.Tensor, k: torch.Tensor, scale: float, block_k: int, sketch: torch.Tensor | None
+    qhat: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    block_k: int,
+    sketch: torch.Tensor | None,
+    block_p: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Probe log masses (B, H, Mq, Mk) and, with ``sketch`` (D, r) float32, the sketched
     attention-weighted mean keys (B, H, Mq, Mk, r), both float32.
 
     Args:
-        qhat: (B, H, Mq, D) probe queries; k: (B, H, N, D) keys with unit stride on D; D, r and
-            ``block_k`` powers of two >= 16.
+        qhat: (B, H, Mq, D) probe queries and k: (B, H, N, D) keys, both with unit stride on D;
+            D, r and ``block_k`` powers of two >= 16.
+        block_p: probes per program, a power of two >= 16 (default: Mq rounded up to a power of
+            two, 16 to 64); a key block is read once per tile of ``block_p`` probes.
     """
     b, h, mq, d = qhat.shape
     n = k.shape[2]
     r = 16 if sketch is None else sketch.shape[1]
-    if k.stride(-1) != 1 or d & (d - 1) or block_k & (block_k - 1) or r & (r - 1):
-        raise ValueError("probe_stats needs unit-stride keys and power-of-two D, block_k, r")
+    if k.stride(-1) != 1 or qhat.stride(-1) != 1:
+        raise ValueError("probe_stats needs probes and keys with unit stride on D")
+    if d & (d - 1) or block_k & (block_k - 1) or r & (r - 1):
+        raise ValueError(f"probe_stats needs power-of-two D, block_k, r, got {d}, {block_k}, {r}")
     if min(d, block_k, r) < 16:
         raise ValueError(f"probe_stats needs D, block_k, r >= 16, got {d}, {block_k}, {r}")
+    if block_p is None:
+        block_p = max(16, min(64, triton.next_power_of_2(mq)))
+    elif block_p < 16 or block_p & (block_p - 1):
+        raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
     mk = triton.cdiv(n, block_k)
     log_mass = torch.empty(b, h, mq, mk, device=k.device, dtype=torch.float32)
     with_keys = sketch is not None
@@ -142,7 +155,6 @@ def probe_stats(
             BLOCK_K=block_k, D=d, R=r, UPCAST=interpreting() and k.dtype == torch.bfloat16,
             num_warps=4,
         )  # fmt: skip
-    block_p = max(16, min(64, triton.next_power_of_2(mq)))
     _probe_kernel[(triton.cdiv(mq, block_p), mk, b * h)](
         qhat, k, sketched, log_mass, key_sketch,
         qhat.stride(0), qhat.stride(1), qhat.stride(2), k.stride(0), k.stride(1), k.stride(2),
