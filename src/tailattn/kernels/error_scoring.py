@@ -23,9 +23,11 @@ block's p and d are read back from memory, so a step has one reduction over the 
 (the argmin).
 
 Timed on an H200 at Wan2.1-1.3B 480p (B=1, H=12, 256 x 256 blocks of 128, r = 32, 26 steps;
-2026-11-30; CUDA time of the kernels): ``probe_stats`` 0.19 ms for the masses, 0.56 ms with
-sketches (0.65 ms when every probe tile sketched its key block again); ``greedy_drop`` 0.43 ms
-(0.67 ms with three masked sums per step).
+2026-11-30): ``probe_stats`` with 256 probes per program 0.185 ms for the masses and 0.362 ms
+with sketches (64 per program: 0.193 and 0.601 ms; ``triton.testing.do_bench``, one run);
+``greedy_drop`` 0.43 ms (0.67 ms with three masked sums per step). At Wan2.1-14B 720p (591 key
+blocks, 60 steps) the greedy takes 37.8 ms: its row of 1,024 x 32 floats no longer fits a
+program's registers.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def probe_stats(
         qhat: (B, H, Mq, D) probe queries and k: (B, H, N, D) keys, both with unit stride on D;
             D, r and ``block_k`` powers of two >= 16.
         block_p: probes per program, a power of two >= 16 (default: Mq rounded up to a power of
-            two, 16 to 64); a key block is read once per tile of ``block_p`` probes.
+            two, 16 to 256, the fastest of 16-256 at the toy's, Wan2.1-1.3B's and Wan2.1-14B's
+            sizes on an H200); a key block is read once per tile of ``block_p`` probes.
     """
     b, h, mq, d = qhat.shape
     n = k.shape[2]
@@ -139,7 +142,7 @@ def probe_stats(
     if min(d, block_k, r) < 16:
         raise ValueError(f"probe_stats needs D, block_k, r >= 16, got {d}, {block_k}, {r}")
     if block_p is None:
-        block_p = max(16, min(64, triton.next_power_of_2(mq)))
+        block_p = max(16, min(256, triton.next_power_of_2(mq)))
     elif block_p < 16 or block_p & (block_p - 1):
         raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
     mk = triton.cdiv(n, block_k)
