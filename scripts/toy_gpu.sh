@@ -11,7 +11,7 @@
 #
 # train: copies src/ to RUN/src (the run must not depend on the checkout staying in place) and
 #   starts `python -m tailattn.toy.train --minutes MINUTES --device cuda --out RUN` (default
-#   13 minutes, the default config and its stages) detached with setsid nohup. RUN receives the
+#   20 minutes, the default config and its stages) detached with setsid nohup. RUN receives the
 #   weight shards, card.json, loss.json, loss.png, samples.png, train.log and, when the run ends,
 #   train.rc (its exit status).
 # report: waits for RUN/train.rc (at most WAIT_MINUTES, default 20), then
@@ -50,7 +50,7 @@ need_diffusers() {  # checked before anything starts in the background
 case $stage in
   train)
     need_diffusers
-    minutes=${4:-13}
+    minutes=${4:-20}
     mkdir -p "$run"
     rm -rf "$run/src" "$run/train.rc"
     cp -r src "$run/src"
