@@ -129,8 +129,9 @@ def probe_stats(
         qhat: (B, H, Mq, D) probe queries and k: (B, H, N, D) keys, both with unit stride on D;
             D, r and ``block_k`` powers of two >= 16.
         block_p: probes per program, a power of two >= 16 (default: Mq rounded up to a power of
-            two, 16 to 256: on an H200 the fastest of 16-256 at the toy's and Wan2.1-1.3B's sizes
-            and with sketches at Wan2.1-14B's, 4 % behind 64 for masses only there); a key block is read once per tile of ``block_p`` probes.
+            two, 16 to 256: on an H200 the fastest of 16-256 at the toy's and Wan2.1-1.3B's
+            sizes and with sketches at Wan2.1-14B's, 4 % behind 64 for masses only there); a
+            key block is read once per tile of ``block_p`` probes.
     """
     b, h, mq, d = qhat.shape
     n = k.shape[2]
