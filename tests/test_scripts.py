@@ -144,9 +144,10 @@ def test_diagnostics_report_of_one_head(diagnostics):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_profile_selection_without_cuda_is_a_one_line_error():
+@pytest.mark.parametrize("script", ["profile_selection.py", "sweep_probe_tiles.py"])
+def test_gpu_scripts_without_cuda_are_a_one_line_error(script):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "profile_selection.py")],
+        [sys.executable, str(ROOT / "scripts" / script)],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
