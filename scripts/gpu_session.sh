@@ -7,7 +7,7 @@
 # graphs), suite (every test), skip (in-loop skipping on synthetic attention; skip-toy: on a
 # capture of the shipped toy model, layer 4 at step 13 of 20), calls (per-call table; calls-old: the
 # same for an older checkout unpacked in .old/src; calls-block-err: block-err's rows and its
-# kernels by time), e2e-eager (Wan2.1-1.3B and the
+# kernels by time), toy-keep03 (the shipped toy's keep-0.3 cells the last report missed), e2e-eager (Wan2.1-1.3B and the
 # HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
 # e2e-14b-compiled (block-topk+drop and +uta at keep 0.1, compile_repeated_blocks()). Wheels
 # in .whl (diffusers for the GPU image) are installed first when present. Every stage appends to $OUT/log.txt.
@@ -52,6 +52,12 @@ for stage in "$@"; do
       timeout 240 python3 -m tailattn.bench.calls --methods "block-topk+drop@0.1;block-topk+uta@0.1;block-err(for_tail=drop)@0.1;block-err(for_tail=drop, budget=adaptive)@0.1;block-err+uta@0.1;block-err(budget=adaptive)+uta@0.1" \
         --json "$OUT/calls_block_err.json" 2>&1 | log
       timeout 120 python3 scripts/profile_selection.py --methods "block-err(for_tail=drop);block-err;block-topk" 2>&1 | log
+      ;;
+    toy-keep03)
+      # the cells of the toy report's keep 0.3 that the last report did not reach (toy.md)
+      timeout 300 python3 scripts/toy_report.py --device cuda --weights src/tailattn/toy/weights \
+        --selections block-topk,svg2,radial,dfs --keeps 0.3 --tails uta,blocks,moment \
+        --quality-clips 16 --guidances 3 --out "$OUT/toy-keep03" 2>&1 | tail -25 | log
       ;;
     calls-old)
       PYTHONPATH=$PWD/.old/src:/tmp/site timeout 240 python3 src/tailattn/bench/calls.py \
