@@ -15,6 +15,9 @@ At the same budget, ceil(keep * Mk) key blocks per query block, it compares the 
                    its sketched mean keys: what the keys-for-values proxy costs
     exact greedy   one block at a time, the exact MSE of all the block's queries (it sees v and
                    every query, so no selection can run it): a bound for greedy block sets
+    top-C          (drop, with ``--candidates``) block-err's greedy over only the C key blocks
+                   of largest probe mass, the rest dropped (their |d|^2 still in J's kappa term):
+                   what a greedy over fewer blocks, cheaper on the GPU, would lose
 
 and reports per head the R^2 of a linear fit of v on k (the drop proxy assumes v ~ W k) and, for
 ``uta``, how block-err's per-block score ``(p - a)^2 + p^2`` ranks against the exact mean
@@ -43,6 +46,7 @@ from tailattn.select.error_aware import (
     greedy_drop_torch,
     key_imbalance,
     probe_stats_torch,
+    sketch_matrix,
     tail_log_mass,
 )
 from tailattn.study.sources import open_source
@@ -139,6 +143,26 @@ def value_aware_greedy(qhat, k, v, scale, steps, kappa) -> torch.Tensor:
     return kept
 
 
+def candidate_greedy(
+    p: torch.Tensor, d: torch.Tensor, steps: int, kappa: float, count: int
+) -> torch.Tensor:
+    """Kept mask (Mk,) of J's greedy (docs/methods.md) over the ``count`` blocks of largest
+    mass p (Mk,) only; d (Mk, r) are the block imbalances of the whole row."""
+    norms = (d * d).sum(-1)
+    top = p.topk(min(count, p.shape[0])).indices
+    kept = torch.zeros_like(p, dtype=torch.bool)
+    total, mass, rest = torch.zeros_like(d[0]), 0.0, float(norms.sum())
+    for _ in range(steps):
+        objective = torch.full_like(p, math.inf)
+        for j in top[~kept[top]].tolist():
+            num = float(((total + d[j]) ** 2).sum()) + kappa * (rest - float(norms[j]))
+            objective[j] = num / max((mass + float(p[j])) ** 2, 1e-300)
+        j = int(objective.argmin())
+        kept[j] = True
+        total, mass, rest = total + d[j], mass + float(p[j]), rest - float(norms[j])
+    return kept
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = (x.argsort().argsort().double() for x in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -152,7 +176,9 @@ def r_squared(k: torch.Tensor, v: torch.Tensor) -> float:
     return float(1 - resid.square().sum() / (v - v.mean(0)).square().sum())
 
 
-def head_report(q, k, v, keep: float, blocks: list[int] | None, kappa: float) -> dict:
+def head_report(
+    q, k, v, keep: float, blocks: list[int] | None, kappa: float, candidates: tuple[int, ...] = ()
+) -> dict:
     """Exact MSE of every kept-set kind, the v ~ k fit and the uta ranking, one head."""
     q4, k4 = q.view(1, 1, *q.shape), k.view(1, 1, *k.shape)
     scale = q.shape[-1] ** -0.5
@@ -165,6 +191,11 @@ def head_report(q, k, v, keep: float, blocks: list[int] | None, kappa: float) ->
     qhat = pool_blocks(q4, BLOCK)  # (1, 1, Mq, D): block-err's probes
     probe = probe_stats_torch(qhat, k4, scale, BLOCK, None)
     scores = block_scores(probe, tail_log_mass(qhat, k4, scale, BLOCK, "uta"))[0, 0]
+    if candidates:  # block-err(for_tail=drop)'s probe with its default 32-dim key sketch
+        sketch = sketch_matrix(k.shape[-1], 32, k.dtype, k.device)
+        mass, imbalance = (
+            x[0, 0] for x in key_imbalance(probe_stats_torch(qhat, k4, scale, BLOCK, sketch))
+        )
     sums: dict[str, float] = {}
     rank, overlap = [], []
     chosen = range(mq) if blocks is None else blocks
@@ -179,6 +210,10 @@ def head_report(q, k, v, keep: float, blocks: list[int] | None, kappa: float) ->
             }
             if tail == "drop":
                 sets["value-aware"] = value_aware_greedy(qhat[0, 0, m], k, v, scale, steps, kappa)
+                for count in candidates:
+                    sets[f"top-{count}"] = candidate_greedy(
+                        mass[m], imbalance[m], steps, kappa, count
+                    )
             for name, kept in sets.items():
                 key = f"{tail}: {name}"
                 sums[key] = sums.get(key, 0.0) + float(qb.mse(kept, tail)) / len(chosen)
@@ -203,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=None, help="query blocks sampled per head")
     parser.add_argument("--kappa", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--candidates", default="", help="drop greedy over the top-C blocks by mass, e.g. 64,128"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    candidates = tuple(int(c) for c in args.candidates.split(",") if c)
     heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
     try:
         source = open_source(args.source, seed=args.seed, heads=heads)
@@ -219,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         blocks = None
         if args.blocks is not None and args.blocks < mq:
             blocks = sorted(torch.randperm(mq, generator=gen)[: args.blocks].tolist())
-        units.append({"unit": unit.label, **head_report(q, k, v, args.keep, blocks, args.kappa)})
+        units.append(
+            {"unit": unit.label, **head_report(q, k, v, args.keep, blocks, args.kappa, candidates)}
+        )
         print(unit.label, json.dumps(units[-1]["mse"]), flush=True)
     keys = list(units[0]["mse"])
     mean = {key: sum(u["mse"][key] for u in units) / len(units) for key in keys}
@@ -237,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "block": BLOCK,
         "query_blocks_per_head": args.blocks,
         "kappa": args.kappa,
+        "candidates": list(candidates),
         "seconds": round(time.perf_counter() - start, 1),
         "summary": summary,
         "units": units,

@@ -15,8 +15,27 @@ from tailattn.cli.common import split_methods
 from tailattn.data.synthetic import SyntheticSource
 from tailattn.select import BlockErr
 from tailattn.select.blocks import block_budget, pool_blocks
+from tailattn.select.error_aware import key_imbalance, probe_stats_torch, sketch_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_candidate_greedy_over_every_block_is_block_errs(diagnostics):
+    """With every key block a candidate the restricted greedy is block-err(for_tail=drop)'s; with
+    fewer it keeps only candidates, as many as the budget."""
+    q, k, _ = (x[0, 0].double() for x in SyntheticSource("small").head(4))
+    kept = BlockErr(0.2, for_tail="drop")(q[None, None], k[None, None], scale=0.125)
+    kept = kept.to_dense()[0, 0]
+    qhat = pool_blocks(q[None, None], 128)
+    sketch = sketch_matrix(64, 32, torch.float64, torch.device("cpu"))
+    probe = probe_stats_torch(qhat, k[None, None], 0.125, 128, sketch)
+    p, d = (x[0, 0] for x in key_imbalance(probe))
+    steps = block_budget(0.2, kept.shape[1])
+    for m in (0, 9):
+        assert torch.equal(diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, 999), kept[m])
+        few = diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, steps + 1)
+        allowed = set(p[m].topk(steps + 1).indices.tolist())
+        assert int(few.sum()) == steps and set(few.nonzero().flatten().tolist()) <= allowed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -135,9 +154,10 @@ def test_value_aware_greedy_is_block_errs_when_values_are_rotated_keys(diagnosti
 
 def test_diagnostics_report_of_one_head(diagnostics):
     q, k, v = (x[0, 0].double() for x in SyntheticSource("small").head(3))
-    report = diagnostics.head_report(q, k, v, 0.2, [1, 6], 0.25)
+    report = diagnostics.head_report(q, k, v, 0.2, [1, 6], 0.25, candidates=(4,))
     kinds = ("block-topk", "block-err", "exact greedy")
-    expected = {f"{t}: {name}" for t in ("drop", "uta") for name in kinds} | {"drop: value-aware"}
+    expected = {f"{t}: {name}" for t in ("drop", "uta") for name in kinds}
+    expected |= {"drop: value-aware", "drop: top-4"}
     assert set(report["mse"]) == expected and min(report["mse"].values()) > 0
     assert 0 <= report["uta_top_overlap"] <= 1 and -1 <= report["uta_score_spearman"] <= 1
     assert 0 < report["r2_v_on_k"] <= 1
