@@ -243,7 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    candidates = tuple(int(c) for c in args.candidates.split(",") if c)
+    try:
+        candidates = tuple(int(c) for c in args.candidates.split(",") if c)
+    except ValueError:
+        parser.error(
+            f"--candidates must be positive integers, e.g. 64,128; got {args.candidates!r}"
+        )
+    if any(c < 1 for c in candidates):
+        parser.error(f"--candidates must be positive integers, got {args.candidates!r}")
     heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
     try:
         source = open_source(args.source, seed=args.seed, heads=heads)

@@ -5,7 +5,8 @@ Wan2.1-14B 720p's sizes (random bf16 q, k; 128 x 128 blocks; r = 32, or D when s
     python scripts/sweep_probe_tiles.py
 
 Each line also gives the largest difference of the outputs to the 64-probe tiling (they should
-agree to rounding). ``triton.testing.do_bench`` medians, in microseconds.
+agree to rounding). ``triton.testing.do_bench`` (50 warm-up and 300 timed milliseconds), in
+microseconds.
 """
 
 import sys
@@ -37,8 +38,8 @@ def sweep(name: str, b: int, h: int, n: int, d: int) -> None:
     probe = partial(probe_stats, qhat, k, d**-0.5, 128)
     ref_mass, ref_sketch = probe(sketch, block_p=64)
     for block_p in (16, 32, 64, 128, 256):
-        masses = do_bench(partial(probe, None, block_p=block_p))
-        keys = do_bench(partial(probe, sketch, block_p=block_p))
+        masses = do_bench(partial(probe, None, block_p=block_p), warmup=50, rep=300)
+        keys = do_bench(partial(probe, sketch, block_p=block_p), warmup=50, rep=300)
         mass, key_sketch = probe(sketch, block_p=block_p)
         diff = max(
             (mass - ref_mass).abs().max().item(), (key_sketch - ref_sketch).abs().max().item()
@@ -50,7 +51,7 @@ def sweep(name: str, b: int, h: int, n: int, d: int) -> None:
         )
     mk = ref_mass.shape[-1]
     steps = -(-mk // 10)
-    greedy = do_bench(partial(greedy_drop, ref_mass, ref_sketch, steps, 0.25))
+    greedy = do_bench(partial(greedy_drop, ref_mass, ref_sketch, steps, 0.25), warmup=20, rep=200)
     print(f"{name} greedy {steps} steps over {mk} blocks: {greedy * 1e3:.1f} us", flush=True)
 
 

@@ -152,6 +152,13 @@ def test_value_aware_greedy_is_block_errs_when_values_are_rotated_keys(diagnosti
         assert torch.equal(found, kept[m])
 
 
+@pytest.mark.parametrize("bad", ["0", "64,x", "-8"])
+def test_diagnostics_refuses_bad_candidates(diagnostics, bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        diagnostics.main(["--source", "synthetic:small", "--candidates", bad])
+    assert exit_info.value.code == 2 and "--candidates must be positive" in capsys.readouterr().err
+
+
 def test_diagnostics_report_of_one_head(diagnostics):
     q, k, v = (x[0, 0].double() for x in SyntheticSource("small").head(3))
     report = diagnostics.head_report(q, k, v, 0.2, [1, 6], 0.25, candidates=(4,))
