@@ -189,13 +189,12 @@ def head_report(
     mq, mk = masks["block-topk"].shape
     steps = block_budget(keep, mk)
     qhat = pool_blocks(q4, BLOCK)  # (1, 1, Mq, D): block-err's probes
-    probe = probe_stats_torch(qhat, k4, scale, BLOCK, None)
+    # with candidates, block-err(for_tail=drop)'s probe: its default 32-dim key sketch too
+    sketch = sketch_matrix(k.shape[-1], 32, k.dtype, k.device) if candidates else None
+    probe = probe_stats_torch(qhat, k4, scale, BLOCK, sketch)
     scores = block_scores(probe, tail_log_mass(qhat, k4, scale, BLOCK, "uta"))[0, 0]
-    if candidates:  # block-err(for_tail=drop)'s probe with its default 32-dim key sketch
-        sketch = sketch_matrix(k.shape[-1], 32, k.dtype, k.device)
-        mass, imbalance = (
-            x[0, 0] for x in key_imbalance(probe_stats_torch(qhat, k4, scale, BLOCK, sketch))
-        )
+    if candidates:
+        mass, imbalance = (x[0, 0] for x in key_imbalance(probe))
     sums: dict[str, float] = {}
     rank, overlap = [], []
     chosen = range(mq) if blocks is None else blocks

@@ -20,24 +20,6 @@ from tailattn.select.error_aware import key_imbalance, probe_stats_torch, sketch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_candidate_greedy_over_every_block_is_block_errs(diagnostics):
-    """With every key block a candidate the restricted greedy is block-err(for_tail=drop)'s; with
-    fewer it keeps only candidates, as many as the budget."""
-    q, k, _ = (x[0, 0].double() for x in SyntheticSource("small").head(4))
-    kept = BlockErr(0.2, for_tail="drop")(q[None, None], k[None, None], scale=0.125)
-    kept = kept.to_dense()[0, 0]
-    qhat = pool_blocks(q[None, None], 128)
-    sketch = sketch_matrix(64, 32, torch.float64, torch.device("cpu"))
-    probe = probe_stats_torch(qhat, k[None, None], 0.125, 128, sketch)
-    p, d = (x[0, 0] for x in key_imbalance(probe))
-    steps = block_budget(0.2, kept.shape[1])
-    for m in (0, 9):
-        assert torch.equal(diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, 999), kept[m])
-        few = diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, steps + 1)
-        allowed = set(p[m].topk(steps + 1).indices.tolist())
-        assert int(few.sum()) == steps and set(few.nonzero().flatten().tolist()) <= allowed
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_toy_report_without_cuda_is_a_one_line_error():
     pytest.importorskip("diffusers")
@@ -150,6 +132,24 @@ def test_value_aware_greedy_is_block_errs_when_values_are_rotated_keys(diagnosti
     for m in (0, 5, 11):
         found = diagnostics.value_aware_greedy(qhat[m], k, v, 0.125, steps, 0.25)
         assert torch.equal(found, kept[m])
+
+
+def test_candidate_greedy_over_every_block_is_block_errs(diagnostics):
+    """With every key block a candidate the restricted greedy is block-err(for_tail=drop)'s; with
+    fewer it keeps only candidates, as many as the budget."""
+    q, k, _ = (x[0, 0].double() for x in SyntheticSource("small").head(4))
+    kept = BlockErr(0.2, for_tail="drop")(q[None, None], k[None, None], scale=0.125)
+    kept = kept.to_dense()[0, 0]
+    qhat = pool_blocks(q[None, None], 128)
+    sketch = sketch_matrix(64, 32, torch.float64, torch.device("cpu"))
+    probe = probe_stats_torch(qhat, k[None, None], 0.125, 128, sketch)
+    p, d = (x[0, 0] for x in key_imbalance(probe))
+    steps = block_budget(0.2, kept.shape[1])
+    for m in (0, 9):
+        assert torch.equal(diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, 999), kept[m])
+        few = diagnostics.candidate_greedy(p[m], d[m], steps, 0.25, steps + 1)
+        allowed = set(p[m].topk(steps + 1).indices.tolist())
+        assert int(few.sum()) == steps and set(few.nonzero().flatten().tolist()) <= allowed
 
 
 @pytest.mark.parametrize("bad", ["0", "64,x", "-8"])
