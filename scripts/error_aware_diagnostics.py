@@ -146,20 +146,13 @@ def value_aware_greedy(qhat, k, v, scale, steps, kappa) -> torch.Tensor:
 def candidate_greedy(
     p: torch.Tensor, d: torch.Tensor, steps: int, kappa: float, count: int
 ) -> torch.Tensor:
-    """Kept mask (Mk,) of J's greedy (docs/methods.md) over the ``count`` blocks of largest
-    mass p (Mk,) only; d (Mk, r) are the block imbalances of the whole row."""
-    norms = (d * d).sum(-1)
-    top = p.topk(min(count, p.shape[0])).indices
-    kept = torch.zeros_like(p, dtype=torch.bool)
-    total, mass, rest = torch.zeros_like(d[0]), 0.0, float(norms.sum())
-    for _ in range(steps):
-        objective = torch.full_like(p, math.inf)
-        for j in top[~kept[top]].tolist():
-            num = float(((total + d[j]) ** 2).sum()) + kappa * (rest - float(norms[j]))
-            objective[j] = num / max((mass + float(p[j])) ** 2, 1e-300)
-        j = int(objective.argmin())
-        kept[j] = True
-        total, mass, rest = total + d[j], mass + float(p[j]), rest - float(norms[j])
+    """Kept mask (Mk,) of block-err's drop greedy over the ``count`` blocks of largest mass p
+    (Mk,) only; d (Mk, r) are the block imbalances of the whole row."""
+    allowed = torch.zeros_like(p, dtype=torch.bool)
+    allowed[p.topk(min(count, p.shape[0])).indices] = True
+    picks, _ = greedy_drop_torch(p, d, min(steps, int(allowed.sum())), kappa, allowed)
+    kept = torch.zeros_like(allowed)
+    kept[picks] = True
     return kept
 
 

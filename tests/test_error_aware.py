@@ -298,7 +298,7 @@ def test_probes_of_equal_queries_merge_into_one(for_tail):
 
 def test_probe_merge_is_the_mean_over_each_blocks_probes():
     x = torch.arange(2 * 7, dtype=torch.float64).view(1, 2, 7)  # 7 probes of 8 queries: N <= 56
-    merged = ProbeMerge(8, 32, 50).mean(x)
+    merged = ProbeMerge(8, 32).mean(x)
     assert merged.tolist() == [[[1.5, 5.0], [8.5, 12.0]]]
 
 

@@ -6,13 +6,21 @@ shape) with a message that names the argument and the expected form. Nothing her
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from importlib.util import find_spec
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("bhnd", "bnhd")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """The ``triton`` package is importable (asked once per process)."""
+    return find_spec("triton") is not None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

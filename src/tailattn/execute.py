@@ -22,15 +22,13 @@ bad. Under ``torch.compile`` the check is skipped (a data-dependent branch break
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
-from importlib.util import find_spec
 from typing import Any
 
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, triton_installed
 from .contract import Grid, Result
 from .layout import BlockLayout
 from .methods import BoundMethod, Granularity, registry
@@ -63,11 +61,6 @@ def _no_kernel(bound: BoundMethod, backend: str | None) -> None:
         )
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return find_spec("triton") is not None
-
-
 def choose_kernel(
     backend: str | None,
     tensors: tuple[torch.Tensor, ...],
@@ -89,7 +82,7 @@ def choose_kernel(
     reason = None
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         reason = "the inputs need gradients and the kernels are forward-only"
-    elif not _triton_installed():
+    elif not triton_installed():
         reason = "Triton is not installed"
     elif q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"the inputs are on {q.device.type}, not CUDA"

@@ -149,8 +149,8 @@ def probe_stats(
     mk = triton.cdiv(n, block_k)
     log_mass = torch.empty(b, h, mq, mk, device=k.device, dtype=torch.float32)
     with_keys = sketch is not None
-    key_sketch = torch.empty(b, h, mq, mk, r if with_keys else 1, device=k.device)
-    sketched = log_mass
+    key_sketch = torch.empty(b, h, mq, mk, r, device=k.device) if with_keys else log_mass
+    sketched = log_mass  # read only with keys, like key_sketch
     if with_keys:  # each key block sketched once, not once per tile of probes
         shift = k.mean(dim=2, dtype=torch.float32).contiguous()
         sketched = torch.empty(b, h, n, r, device=k.device, dtype=torch.float32)

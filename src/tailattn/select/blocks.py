@@ -18,14 +18,13 @@ Block sizes: any positive integer for the reference executor; the Triton kernels
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._checks import accumulation_dtype, check_fraction
+from .._checks import accumulation_dtype, check_fraction, triton_installed
 from ..layout import BlockLayout, block_sizes, num_blocks
 from ..methods import registry
 
@@ -50,7 +49,7 @@ def triton_pooling(x: torch.Tensor, block: int) -> bool:
     d = x.shape[-1]
     if x.device.type != "cuda" or x.dtype == torch.float64 or d & (d - 1) or block & (block - 1):
         return False
-    return block >= 16 and importlib.util.find_spec("triton") is not None
+    return block >= 16 and triton_installed()
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

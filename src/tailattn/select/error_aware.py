@@ -68,14 +68,19 @@ kernels (:mod:`tailattn.kernels.error_scoring`).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._checks import accumulation_dtype, check_fraction, check_grid, check_positive
+from .._checks import (
+    accumulation_dtype,
+    check_fraction,
+    check_grid,
+    check_positive,
+    triton_installed,
+)
 from ..layout import BlockLayout, block_sizes, num_blocks, to_blocks
 from ..methods import registry
 from ..permute import permute_tokens
@@ -108,16 +113,16 @@ class Probe:
 
 @functools.cache
 def _sketch_matrix(d: int, r: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    if r >= d:
+        return torch.eye(d, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(d * 7919 + r)
     matrix = torch.randn(d, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
     return matrix.to(device=device, dtype=dtype)
 
 
 def sketch_matrix(d: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(d, r) seeded Gaussian matrix / sqrt(r) (cached per device: copied to a GPU once); the
-    identity when r >= d (no sketch)."""
-    if r >= d:
-        return torch.eye(d, dtype=dtype, device=device)
+    """(d, r) seeded Gaussian matrix / sqrt(r); the identity when r >= d (no sketch). Cached
+    per device: made, and copied to a GPU, once."""
     return _sketch_matrix(d, r, dtype, str(device))
 
 
@@ -157,16 +162,11 @@ def probe_stats_torch(
     return Probe(torch.cat(log_mass, 2), torch.cat(sketches, 2) if keys is not None else None)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_sizes(k: torch.Tensor, *sizes: int) -> bool:
     """The Triton scoring kernels serve CUDA tensors of power-of-two sizes >= 16."""
     if k.device.type != "cuda" or k.dtype == torch.float64:
         return False
-    return all(x >= 16 and not x & (x - 1) for x in sizes) and _triton_installed()
+    return all(x >= 16 and not x & (x - 1) for x in sizes) and triton_installed()
 
 
 def probe_stats(
@@ -220,13 +220,19 @@ def key_imbalance(probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def greedy_drop_torch(
-    p: torch.Tensor, d: torch.Tensor, steps: int, kappa: float
+    p: torch.Tensor,
+    d: torch.Tensor,
+    steps: int,
+    kappa: float,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy minimisation of J(T) (module docstring), one block per step.
 
     Args:
         p: (..., Mk) block masses; d: (..., Mk, r) block imbalances.
         steps: blocks to pick, in [1, Mk].
+        allowed: (..., Mk) bool, the blocks it may pick (default every block), at least
+            ``steps`` per row; the others stay dropped and count in J's kappa term.
 
     Returns:
         picks (..., steps) int64 key-block ids in the order picked (distinct) and J after each
@@ -236,7 +242,7 @@ def greedy_drop_torch(
     total = d.new_zeros(*d.shape[:-2], d.shape[-1])
     mass = p.new_zeros(p.shape[:-1])
     rest = norms.sum(-1)
-    kept = torch.zeros_like(p, dtype=torch.bool)
+    kept = torch.zeros_like(p, dtype=torch.bool) if allowed is None else ~allowed
     big = torch.finfo(p.dtype).max
     picks, values = [], []
     for _ in range(steps):
@@ -264,7 +270,7 @@ def greedy_drop(probe: Probe, steps: int, kappa: float) -> tuple[torch.Tensor, t
         raise ValueError("greedy_drop needs a probe with key sketches")
     r = sketch.shape[-1]
     cuda = sketch.device.type == "cuda" and sketch.dtype != torch.float64
-    if cuda and not r & (r - 1) and _triton_installed():
+    if cuda and not r & (r - 1) and triton_installed():
         from ..kernels.error_scoring import greedy_drop as kernel
 
         return kernel(probe.log_mass, sketch, steps, kappa)
@@ -277,13 +283,13 @@ class ProbeMerge:
 
     tile: int
     block_q: int
-    n_q: int
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, P, ...) per probe -> (B, H, Mq, ...) mean over each query block's probes."""
         if self.tile == self.block_q:
             return x
-        ratio, mq = self.block_q // self.tile, num_blocks(self.n_q, self.block_q)
+        ratio = self.block_q // self.tile
+        mq = num_blocks(x.shape[2], ratio)
         padded = x.new_zeros(x.shape[0], x.shape[1], mq * ratio, *x.shape[3:])
         padded[:, :, : x.shape[2]] = x
         probes = block_sizes(x.shape[2], ratio, x.device).to(x.dtype)
@@ -403,7 +409,7 @@ class BlockErr:
         mk = num_blocks(k.shape[2], self.block_k)
         tile = self.probe or self.block_q
         qhat = pool_blocks(q, tile)
-        merge = ProbeMerge(tile, self.block_q, q.shape[2])
+        merge = ProbeMerge(tile, self.block_q)
         if self.search == "greedy":
             probe = merge.probe(probe_stats(qhat, k, scale, self.block_k, self.sketch))
             steps = budget if self.budget == "fixed" else min(mk, 2 * budget)

@@ -94,11 +94,6 @@ class ToyConfig:
             raise ValueError(f"toy config must be one of {', '.join(presets)}, got {name!r}")
         return presets[name]()
 
-    @property
-    def tokens(self) -> int:
-        """Tokens of the training clip: ``frames * (size / 2)^2``."""
-        return self.frames * (self.size // 2) ** 2
-
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
