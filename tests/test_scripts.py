@@ -3,6 +3,7 @@ report's plan; the error-aware diagnostics against the library (float64)."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from tailattn.data.synthetic import SyntheticSource
 from tailattn.select import BlockErr
 from tailattn.select.blocks import block_budget, pool_blocks
 from tailattn.select.error_aware import key_imbalance, probe_stats_torch, sketch_matrix
+from toy_tiny import tiny_weights  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +98,35 @@ def test_toy_report_takes_selections_with_parameters():
         ("block-topk+uta", 0.1),
         ("block-err(for_tail=drop, budget=adaptive)+uta", 0.1),
     ]
+
+
+def test_toy_sampler_sweep_scores_every_setting(tiny_weights, tmp_path):  # noqa: F811
+    """Two models x two step counts x two shifts: one row each, accuracies in [0, 1] that are
+    multiples of 1 / clips, the same for the same model and settings."""
+    pytest.importorskip("diffusers")
+    sweep = script("toy_sampler_sweep")
+    copy = shutil.copytree(tiny_weights, tmp_path / "copy")
+    argv = ["--weights", str(tiny_weights), str(copy), "--steps", "1,2", "--shifts",
+            "1,3", "--clips", "4", "--classifier-steps", "2", "--device", "cpu",
+            "--json", str(tmp_path / "sweep.json")]  # fmt: skip
+    result = sweep.main(argv)
+    rows = result["rows"]
+    assert len(rows) == 8 and json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
+    assert {(r["steps"], r["shift"]) for r in rows} == {(1, 1.0), (1, 3.0), (2, 1.0), (2, 3.0)}
+    assert all(r["accuracy"] * 4 == round(r["accuracy"] * 4) and 0 <= r["accuracy"] <= 1
+               for r in rows)  # fmt: skip
+    assert [r["accuracy"] for r in rows[:4]] == [r["accuracy"] for r in rows[4:]]
+
+
+def test_toy_sampler_sweep_refuses_bad_grids(tiny_weights):  # noqa: F811
+    pytest.importorskip("diffusers")
+    for bad in (["--steps", "0"], ["--shifts", "a,b"], ["--clips", "0"]):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "toy_sampler_sweep.py"), "--weights",
+             str(tiny_weights), "--device", "cpu", *bad],
+            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+        )  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, bad
 
 
 @pytest.fixture(scope="module")
