@@ -19,6 +19,7 @@ from tailattn.select.error_aware import (
     ProbeMerge,
     adaptive_counts,
     block_scores,
+    greedy_candidates,
     greedy_drop_torch,
     key_imbalance,
     non_increasing,
@@ -239,6 +240,45 @@ def test_greedy_kappa_counts_the_dropped_blocks():
         p.gather(-1, first[..., None]).squeeze(-1) ** 2
     )
     assert torch.allclose(objective[..., 0], expected, rtol=1e-12)
+
+
+def test_greedy_candidates_are_the_heaviest_blocks():
+    """C = max(candidates, 4 steps) blocks of largest probe mass, ascending; None for all."""
+    log_mass = torch.randn(2, 3, 4, 50, generator=torch.Generator().manual_seed(3))
+    ids = greedy_candidates(log_mass, steps=5, candidates=8)
+    assert ids.shape == (2, 3, 4, 20) and bool((ids.diff(dim=-1) > 0).all())
+    heaviest = log_mass.topk(20, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(ids, heaviest)
+    assert greedy_candidates(log_mass, steps=5, candidates=24).shape[-1] == 24
+    assert greedy_candidates(log_mass, steps=5, candidates=50) is None
+    assert greedy_candidates(log_mass, steps=13, candidates=8) is None  # 4 x 13 >= 50 blocks
+
+
+def test_candidates_restrict_the_picks_and_leave_the_rest_in_j():
+    """With fewer candidates than key blocks the drop greedy picks among the heaviest only, and
+    its objective still counts the other blocks (mass and kappa term of the whole row): the
+    same as the unrestricted greedy on a row whose other blocks may not be picked."""
+    q, k, _ = qkv(31, n=640, d=16, h=2)
+    sel = BlockErr(0.05, for_tail="drop", candidates=12, block_q=32, block_k=16)
+    scale = 0.3
+    probe = probe_stats_torch(pool_blocks(q, 32), k, scale, 16, sketch_matrix(16, 16,
+                              torch.float64, q.device))  # fmt: skip
+    ranked, _ = sel.ranking(q, k, scale, budget=2)
+    ids = greedy_candidates(probe.log_mass, steps=2, candidates=12)
+    assert ids.shape[-1] == 12 < 40
+    assert bool((ranked.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1).all())
+    allowed = torch.zeros_like(probe.log_mass, dtype=torch.bool).scatter_(-1, ids, True)
+    p, d = key_imbalance(probe)
+    picks, objective = greedy_drop_torch(p, d, 2, 0.25, allowed)
+    assert torch.equal(ranked, picks)
+    norms = (d * d).sum(-1)  # step 1 by hand: the kappa term covers all 39 other blocks
+    first = picks[..., :1]
+    expected = (norms.gather(-1, first) + 0.25 * (norms.sum(-1, keepdim=True) -
+                norms.gather(-1, first))) / p.gather(-1, first) ** 2  # fmt: skip
+    assert torch.allclose(objective[..., 0], expected.squeeze(-1), rtol=1e-12)
+    everything = BlockErr(0.05, for_tail="drop", candidates=40, block_q=32, block_k=16)
+    unrestricted = greedy_drop_torch(p, d, 2, 0.25)[0]
+    assert torch.equal(everything.ranking(q, k, scale, budget=2)[0], unrestricted)
 
 
 # ------------------------------------------------------------------ layouts and budgets
@@ -462,6 +502,31 @@ def test_greedy_kernel_matches_pytorch_over_many_steps():
 
 
 @needs_triton
+def test_greedy_kernel_with_candidates_matches_pytorch():
+    """Candidate mode: the kernel gathers the candidates' row and sums mass, mean key and the
+    kappa term over the whole row in chunks (300 key blocks: four full chunks and a partial
+    one); picks and objectives are PyTorch's with the other blocks not allowed."""
+    pytest.importorskip("triton")
+    from tailattn.kernels.error_scoring import greedy_drop
+
+    gen = torch.Generator().manual_seed(22)
+    log_mass = torch.randn(1, 2, 3, 300, generator=gen, dtype=torch.float64) * 2
+    key_sketch = torch.randn(1, 2, 3, 300, 16, generator=gen, dtype=torch.float64)
+    ids = greedy_candidates(log_mass, steps=9, candidates=24)  # 36 = 4 x 9 candidates
+    picks, objective = greedy_drop(
+        log_mass.float().to(DEVICE), key_sketch.float().to(DEVICE), 9, 0.4, ids.to(DEVICE)
+    )
+    allowed = torch.zeros_like(log_mass, dtype=torch.bool).scatter_(-1, ids, True)
+    probe = Probe(log_mass, key_sketch)
+    ref_picks, ref_objective = greedy_drop_torch(*key_imbalance(probe), 9, 0.4, allowed)
+    assert torch.equal(picks.cpu(), ref_picks)
+    assert torch.allclose(objective.double().cpu(), ref_objective, rtol=1e-4)
+    with pytest.raises(ValueError, match="steps in"):
+        greedy_drop(log_mass.float().to(DEVICE), key_sketch.float().to(DEVICE), 37, 0.4,
+                    ids.to(DEVICE))  # fmt: skip
+
+
+@needs_triton
 @pytest.mark.parametrize("tail", ["drop", "uta", "blocks", "moment"])
 def test_kernel_path_matches_the_reference(tail):
     pytest.importorskip("triton")
@@ -485,6 +550,8 @@ def test_kernel_path_matches_the_reference(tail):
         ({"kappa": -1.0}, ValueError, "kappa must be a finite number >= 0"),
         ({"kappa": "big"}, TypeError, "kappa must be a number"),
         ({"sketch": 0}, ValueError, "sketch must be positive"),
+        ({"candidates": 0}, ValueError, "candidates must be positive"),
+        ({"candidates": 2.5}, TypeError, "candidates must be a positive integer"),
         ({"text_tokens": -2}, ValueError, "text_tokens must be an integer >= 0"),
         ({"block_q": 0}, ValueError, "block_q must be a positive integer"),
         ({"probe": 48}, ValueError, "probe must divide block_q"),

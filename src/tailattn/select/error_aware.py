@@ -262,19 +262,35 @@ def greedy_drop_torch(
     return torch.stack(picks, -1), torch.stack(values, -1)
 
 
-def greedy_drop(probe: Probe, steps: int, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`greedy_drop_torch` on the probe's imbalances; one Triton program per query block
-    on CUDA (:func:`tailattn.kernels.error_scoring.greedy_drop`)."""
+def greedy_candidates(log_mass: torch.Tensor, steps: int, candidates: int) -> torch.Tensor | None:
+    """Ids (B, H, Mq, C), ascending per row, of the C = max(``candidates``, 4 ``steps``) key
+    blocks of largest probe mass per query block; ``None`` when C covers every block."""
+    count = max(candidates, 4 * steps)
+    if count >= log_mass.shape[-1]:
+        return None
+    return log_mass.topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+def greedy_drop(
+    probe: Probe, steps: int, kappa: float, candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`greedy_drop_torch` on the probe's imbalances, picking among the
+    :func:`greedy_candidates` only; one Triton program per query block on CUDA
+    (:func:`tailattn.kernels.error_scoring.greedy_drop`)."""
     sketch = probe.key_sketch
     if sketch is None:
         raise ValueError("greedy_drop needs a probe with key sketches")
+    ids = greedy_candidates(probe.log_mass, steps, candidates)
     r = sketch.shape[-1]
     cuda = sketch.device.type == "cuda" and sketch.dtype != torch.float64
     if cuda and not r & (r - 1) and triton_installed():
         from ..kernels.error_scoring import greedy_drop as kernel
 
-        return kernel(probe.log_mass, sketch, steps, kappa)
-    return greedy_drop_torch(*key_imbalance(probe), steps, kappa)
+        return kernel(probe.log_mass, sketch, steps, kappa, ids)
+    allowed = None
+    if ids is not None:
+        allowed = torch.zeros_like(probe.log_mass, dtype=torch.bool).scatter_(-1, ids, True)
+    return greedy_drop_torch(*key_imbalance(probe), steps, kappa, allowed)
 
 
 @dataclass(frozen=True)
@@ -343,6 +359,7 @@ class BlockErr:
     budget: str = "fixed"
     kappa: float = 0.25
     sketch: int = 32
+    candidates: int = 256
     text_tokens: int = 0
     probe: int | None = None
     block_q: int = 128
@@ -359,6 +376,7 @@ class BlockErr:
         if not 0 <= kappa < math.inf:
             raise ValueError(f"kappa must be a finite number >= 0, got {kappa}")
         check_positive(self.sketch, "sketch", integer=True)
+        check_positive(self.candidates, "candidates", integer=True)
         value = self.text_tokens
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"text_tokens must be an integer >= 0, got {value!r}")
@@ -413,7 +431,7 @@ class BlockErr:
         if self.search == "greedy":
             probe = merge.probe(probe_stats(qhat, k, scale, self.block_k, self.sketch))
             steps = budget if self.budget == "fixed" else min(mk, 2 * budget)
-            picks, objective = greedy_drop(probe, steps, float(self.kappa))
+            picks, objective = greedy_drop(probe, steps, float(self.kappa), self.candidates)
             before = torch.cat([objective[..., :1], objective[..., :-1]], dim=-1)
             return picks, non_increasing(before - objective)
         probe = probe_stats(qhat, k, scale, self.block_k, None)
