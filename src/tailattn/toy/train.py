@@ -3,7 +3,9 @@ r"""Train the toy model from scratch: ``python -m tailattn.toy.train --minutes 1
 Flow matching as Wan trains it. Per step: clips ``x_0`` and labels from the data generator
 (``data.clips``, a fresh seed per step, rendered on the device), noise ``eps ~ N(0, I)``, a
 noise level per clip ``t = shift u / (1 + (shift - 1) u)`` with ``u = sigmoid(n)``,
-``n ~ N(0, 1)`` (logit-normal, shifted towards noise as the sampler's schedule is), and
+``n ~ N(0, 1)`` (logit-normal; :data:`TRAIN_SHIFT` = 1 by default, unshifted: a shift of 2, the
+sampler's, left the low noise levels that draw edges nearly untrained, P(t < 0.2) = 1.9 % against
+8.3 %, and 69 % of the samples recognised against 81 % with 1, H200, 20 minutes each), and
 
     x_t = (1 - t) x_0 + t eps,     loss = mean (model(x_t, t, label) - (eps - x_0))^2,
 
@@ -49,6 +51,9 @@ from .strip import save_strip
 
 SAMPLING = {"steps": 30, "shift": DEFAULT_SHIFT, "guidance": DEFAULT_GUIDANCE}
 """Sampler settings of the frame strip written after training."""
+
+TRAIN_SHIFT = 1.0
+"""Default shift of the training noise levels (module docstring)."""
 
 SCHEDULES = {
     "default": "16:32:32:0.4,16:64:8:1",
@@ -106,7 +111,7 @@ class Settings:
     warmup: int = 200
     label_dropout: float = 0.1
     ema_max: float = 0.999
-    shift: float = DEFAULT_SHIFT
+    shift: float = TRAIN_SHIFT
     seed: int = 0
     max_steps: int | None = None
     log_every: int = 25
@@ -361,7 +366,7 @@ def train_command(
         typer.Option(help="FRAMES:SIZE:BATCH:UNTIL,... (default: the config's schedule)"),
     ] = None,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-4,
-    shift: Annotated[float, typer.Option(help="shift of the noise levels")] = DEFAULT_SHIFT,
+    shift: Annotated[float, typer.Option(help="shift of the training noise levels")] = TRAIN_SHIFT,
     seed: Annotated[int, typer.Option(help="seed of the data, noise and weights")] = 0,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
     log_every: Annotated[int, typer.Option(help="steps between loss log entries")] = 25,
