@@ -61,8 +61,9 @@ with the host; layouts are valid by construction (``check=False``).
 **Cost** at Wan2.1-1.3B 480p (B=1, H=12, N=32,760, D=128, 256 x 256 blocks; docs/methods.md
 counts it in full): the probe product qhat K^T, 2 Mq N D H = 25.8 GFLOP, for every mode; for
 ``drop`` also the sketched mean keys (19.3 GFLOP at r=32), 101 MB of sketches written and read
-back and ceil(keep * Mk) greedy steps of O(Mk r) per query block. On CUDA both run as Triton
-kernels (:mod:`tailattn.kernels.error_scoring`).
+back and ceil(keep * Mk) greedy steps of O(C r) per query block, over the C = max(``candidates``,
+4 steps) key blocks of largest p_mj (all Mk when C >= Mk; J still sums over every block: the
+others stay dropped). On CUDA both run as Triton kernels (:mod:`tailattn.kernels.error_scoring`).
 """
 
 from __future__ import annotations
