@@ -87,10 +87,12 @@ def test_a_few_cpu_steps_write_weights_card_and_loss(tmp_path):
 
 def test_the_config_records_the_clip_of_the_last_stage(tmp_path):
     stages = parse_stages("2:8:1:0.5,3:12:1:1")
-    settings = Settings(minutes=2.0, config="tiny", stages=stages, max_steps=2, strip_steps=1)
+    settings = Settings(
+        minutes=2.0, config="tiny", layers=3, stages=stages, max_steps=2, strip_steps=1
+    )
     train(settings, tmp_path)
     config = weights.load(tmp_path).config
-    assert (config.frames, config.size) == (3, 12)
+    assert (config.frames, config.size, config.layers) == (3, 12, 3)
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert isinstance(weights.load(tmp_path), ToyModel)
@@ -109,6 +111,7 @@ def test_training_on_a_missing_device_is_a_one_line_error(tmp_path):
         (["--device", "cuda:1"], "is not available here"),
         (["--stages", "16:32:8:0.5"], "--stages"),
         (["--config", "huge"], "--config must be one of"),
+        (["--layers", "0"], "--layers must be at least 1"),
     ):
         args = ["train", "--minutes", "1", "--out", str(tmp_path), *extra]
         result = CliRunner().invoke(app, args)

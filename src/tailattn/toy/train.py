@@ -20,7 +20,8 @@ clips of ``frames x size x size`` in batches of ``batch`` until the fraction ``u
 run; the fraction is of the wall-clock budget, or of ``--max-steps`` when given. The default
 config's schedule (:data:`SCHEDULES`): 16 x 32 x 32 clips (4,096 tokens) in batches of 32 for
 the first 40 %, then its 16 x 64 x 64 clips (16,384 tokens) in batches of 8, the same 131,072
-tokens per step. The saved config records the last stage's clip as the model's training clip.
+tokens per step. The saved config records the last stage's clip as the model's training clip
+(and ``--layers``, when given, its depth: the config's width with more or fewer blocks).
 
 Training stops by wall clock so that the whole run, including saving the weights and sampling
 the frame strip, ends within ``--minutes``. ``DIR`` receives the weight shards (bfloat16 by
@@ -105,6 +106,7 @@ class Settings:
     minutes: float
     device: str = "cpu"
     config: str = "default"
+    layers: int | None = None
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -289,6 +291,8 @@ def train(settings: Settings, out: Path) -> Path:
     torch.manual_seed(settings.seed)
     last = stages[-1]  # the clip the model is trained on last is the one its config records
     config = replace(ToyConfig.named(settings.config), frames=last.frames, size=last.size)
+    if settings.layers is not None:  # a deeper or shallower model of the same width
+        config = replace(config, layers=settings.layers)
     model = ToyModel(config).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -361,6 +365,9 @@ def train_command(
     out: Annotated[Path, typer.Option(help="directory for weights and logs")],
     device: Annotated[str, typer.Option(help="torch device, e.g. cuda or cuda:1")] = "cpu",
     config: Annotated[str, typer.Option(help="model: default, v1 or tiny")] = "default",
+    layers: Annotated[
+        int | None, typer.Option(help="transformer blocks (default: the config's)")
+    ] = None,
     stages: Annotated[
         str | None,
         typer.Option(help="FRAMES:SIZE:BATCH:UNTIL,... (default: the config's schedule)"),
@@ -378,6 +385,8 @@ def train_command(
     """Train the toy video DiT from scratch (module docstring)."""
     if config not in SCHEDULES:
         raise typer.BadParameter(f"--config must be one of {', '.join(SCHEDULES)}, got {config!r}")
+    if layers is not None and layers < 1:
+        raise typer.BadParameter(f"--layers must be at least 1, got {layers}")
     if store not in ("bfloat16", "float32"):
         raise typer.BadParameter(f"--store must be bfloat16 or float32, got {store!r}")
     try:
@@ -397,6 +406,7 @@ def train_command(
         minutes=minutes,
         device=device,
         config=config,
+        layers=layers,
         stages=schedule,
         lr=lr,
         shift=shift,
