@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,8 @@ def numbers(text: str, kind: type) -> list:
     except ValueError:
         message = f"expected comma-separated numbers, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
-    if any(value <= 0 for value in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if not all(0 < value < math.inf for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
     return values
 
 
@@ -75,8 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but CUDA is not available here")
-    if args.clips < 1:
-        parser.error(f"--clips must be at least 1, got {args.clips}")
+    if args.clips < 1 or args.classifier_steps < 1:
+        parser.error("--clips and --classifier-steps must be at least 1")
+    if len(set(args.weights)) < len(args.weights):
+        parser.error("a weights directory is given twice")
     try:
         models = {str(path): weights.load(path, args.device) for path in args.weights}
     except weights.WeightsError as err:

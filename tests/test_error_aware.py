@@ -538,6 +538,22 @@ def test_kernel_path_matches_the_reference(tail):
     assert float((out - ref).norm() / ref.norm()) < 1e-3
 
 
+@needs_triton
+def test_kernel_path_with_candidates_matches_the_reference():
+    """16 key blocks, 2 greedy steps over 8 candidates: the Triton path (top-k, sort, gathered
+    greedy) keeps the reference's blocks."""
+    pytest.importorskip("triton")
+    q, k, v = (x.to(DEVICE) for x in qkv(16, n=1024, dtype=torch.float32))
+    spec = "block-err(for_tail=drop, candidates=1)+drop"
+    kwargs = {"keep": 0.1, "block_q": 64, "block_k": 64}
+    out, info = tailattn.attention(q, k, v, spec, backend="triton", return_info=True, **kwargs)
+    ref, ref_info = tailattn.attention(
+        q, k, v, spec, backend="reference", return_info=True, **kwargs
+    )
+    assert torch.equal(info["layout"].to_dense().cpu(), ref_info["layout"].to_dense().cpu())
+    assert float((out - ref).norm() / ref.norm()) < 1e-3
+
+
 # ------------------------------------------------------------------ bad parameters
 
 

@@ -19,6 +19,7 @@ FAST = [
     ("block-topp+uta", None),
     ("block-err+uta", 0.25),
     ("block-err(for_tail=drop, budget=adaptive)", 0.25),
+    ("block-err(for_tail=drop, candidates=1)", 0.1),  # 2 steps over 8 of the 12 key blocks
     ("radial+uta", 0.25),
     ("window+uta", 0.25),
     ("dfs(warmup=0)+uta", 0.25),

@@ -120,10 +120,17 @@ def test_toy_sampler_sweep_scores_every_setting(tiny_weights, tmp_path):  # noqa
 
 def test_toy_sampler_sweep_refuses_bad_grids(tiny_weights):  # noqa: F811
     pytest.importorskip("diffusers")
-    for bad in (["--steps", "0"], ["--shifts", "a,b"], ["--clips", "0"]):
+    once = ["--weights", str(tiny_weights)]
+    for bad in (
+        [*once, "--steps", "0"],
+        [*once, "--shifts", "a,b"],
+        [*once, "--shifts", "nan"],
+        [*once, "--clips", "0"],
+        [*once, str(tiny_weights)],  # the same directory twice
+    ):
         result = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "toy_sampler_sweep.py"), "--weights",
-             str(tiny_weights), "--device", "cpu", *bad],
+            [sys.executable, str(ROOT / "scripts" / "toy_sampler_sweep.py"), "--device", "cpu",
+             "--classifier-steps", "1", "--clips", "1", *bad],
             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
         )  # fmt: skip
         assert result.returncode == 2 and "Traceback" not in result.stderr, bad
