@@ -123,10 +123,13 @@ def dense_and_sparse(
     warmup_steps: int = 0,
     size: tuple[int, int, int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    probe_rows: int | None = None,
 ) -> Comparison:
     """Sample densely with ``model`` and sparsely with a copy under ``apply(copy, method, keep,
     warmup_steps=...)`` in lockstep from the same noise (seed ``seed``) at ``size`` (frames,
-    height, width; default: the clip the model was trained on, ``clip_of(model)``)."""
+    height, width; default: the clip the model was trained on, ``clip_of(model)``).
+    ``probe_rows``: query rows of the exact attention behind ``mse_local`` (default every row;
+    :class:`probe.AttentionProbe`)."""
     from ..integrations.diffusers import apply
 
     device = next(model.parameters()).device
@@ -136,7 +139,10 @@ def dense_and_sparse(
     levels = sigmas(steps, shift).tolist()
     handle = apply(sparse_model.transformer, method, keep=keep, warmup_steps=warmup_steps)
     try:
-        with AttentionProbe(model.transformer, sparse_model.transformer, handle) as probe:
+        probe = AttentionProbe(
+            model.transformer, sparse_model.transformer, handle, rows=probe_rows, seed=seed
+        )
+        with probe:
             for i in range(steps):
                 dt = levels[i + 1] - levels[i]
                 x_dense = x_dense + dt * velocity(model, x_dense, levels[i], labels, guidance)
