@@ -71,14 +71,24 @@ def signed_distance(kind: torch.Tensor, lx: torch.Tensor, ly: torch.Tensor) -> t
     )
 
 
+def _plane(
+    scene: Scene, tau: torch.Tensor, s: torch.Tensor, distance: float, zoom: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where pixel centres ``s`` (M,) land on a plane ``distance`` times as far as the objects'
+    (its pan divided by it: parallax), seen through ``zoom`` (B, F): ``w = 1/2 + pan (tau - 1/2)
+    / distance + (s - 1/2) / zoom`` as wx (B, F, 1, M) and wy (B, F, M, 1)."""
+    centre = 0.5 + scene.pan[:, None, :] * (tau[None, :, None] - 0.5) / distance  # (B, F, 2)
+    z = zoom[..., None, None]
+    wx = centre[..., 0, None, None] + (s.view(1, 1, 1, -1) - 0.5) / z
+    wy = centre[..., 1, None, None] + (s.view(1, 1, -1, 1) - 0.5) / z
+    return wx, wy
+
+
 def _background(scene: Scene, tau: torch.Tensor, zoom: torch.Tensor, s: torch.Tensor):
     """(B, 3, F, M, M) background colours (module docstring)."""
     b = scene.labels.shape[0]
-    sx, sy = s.view(1, 1, 1, -1), s.view(1, 1, -1, 1)
-    centre = 0.5 + 0.5 * scene.pan[:, None, :] * (tau[None, :, None] - 0.5)  # (B, F, 2)
-    scale = zoom.sqrt()[..., None, None]
-    wx = centre[..., 0, None, None] + (sx - 0.5) / scale
-    wy = centre[..., 1, None, None] + (sy - 0.5) / scale
+    sy = s.view(1, 1, -1, 1)
+    wx, wy = _plane(scene, tau, s, 2.0, zoom.sqrt())
     f, a, phi, d = (scene.waves[..., i].view(b, 3, 1, 1, 1) for i in range(4))
     t = tau.view(1, 1, -1, 1, 1)
     along = wx[:, None] * a.cos() + wy[:, None] * a.sin()  # (B, 3, F, M, M)
@@ -111,10 +121,8 @@ def _paint_objects(
 ) -> torch.Tensor:
     """``video`` (B, 3, F, M, M) with the objects, shadows first, painted far to near."""
     b, m = scene.labels.shape[0], s.shape[0]
-    centre = 0.5 + scene.pan[:, None, :] * (tau[None, :, None] - 0.5)  # (B, F, 2)
+    wx, wy = _plane(scene, tau, s, 1.0, zoom)
     z = zoom[..., None, None]
-    wx = centre[..., 0, None, None] + (s.view(1, 1, 1, -1) - 0.5) / z  # (B, F, 1, M)
-    wy = centre[..., 1, None, None] + (s.view(1, 1, -1, 1) - 0.5) / z  # (B, F, M, 1)
     kind = scene.labels.view(b, 1, 1, 1)
     px = bounce(scene.start[..., 0], scene.velocity[..., 0], scene.radius, tau)  # (B, K, F)
     py = bounce(scene.start[..., 1], scene.velocity[..., 1], scene.radius, tau)
