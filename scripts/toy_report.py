@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from tailattn.cli.common import split_methods
-from tailattn.methods import registry
+from tailattn.methods import Method, registry
 from tailattn.toy import data, quality, weights
 from tailattn.toy.pipeline import DEFAULT_GUIDANCE, DEFAULT_SHIFT
 from tailattn.toy.sample import Comparison, clip_of, dense_and_sparse, noise, sample
@@ -79,7 +79,7 @@ def runs(
     known = registry.selections()
     chosen = []
     for name in selections:
-        entry = known.get(name.split("(")[0].strip())
+        entry = known.get(Method.parse(name).selection)
         if entry is None:
             print(f"skipping {name}: not registered", file=sys.stderr)
             continue
