@@ -20,8 +20,9 @@ Writes into ``--out``: ``toy_report.md`` (tables), ``toy_report.json`` (everythi
 
 ``--probe-rows R`` computes the exact attention behind the per-step MSE for R sampled query rows
 per layer instead of all (``tailattn.toy.probe``: an unbiased estimate; the videos do not
-change). On the 2-core CPU at 2,048 tokens a cell took about 15 % less time with R = 256 and
-its mean MSE moved by 0.1 % (2026-11-30); not yet timed on a GPU.
+change). With ``dense_and_sparse`` at 8 x 32 x 32 (2,048 tokens) on the 2-core CPU a run took
+12-18 % less time with R = 256 and its mean MSE moved by 0.1-0.9 % (three methods, 2026-11-30);
+not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ PRESETS = {
 }
 
 
+def selection_name(spec: str) -> str:
+    """The selection of a ``--selections`` entry (a name, or a name with parameters).
+
+    Raises:
+        ValueError: a spec that does not parse, or one with a tail (the report adds the tails).
+    """
+    method = Method.parse(spec)
+    if "+" in spec:
+        raise ValueError(f"{spec!r}: --selections takes selections; --tails gives the tails")
+    return method.selection
+
+
 def runs(
     selections: list[str], keeps: list[float], tails: list[str]
 ) -> list[tuple[str, float | None]]:
@@ -79,7 +92,7 @@ def runs(
     known = registry.selections()
     chosen = []
     for name in selections:
-        entry = known.get(Method.parse(name).selection)
+        entry = known.get(selection_name(name))
         if entry is None:
             print(f"skipping {name}: not registered", file=sys.stderr)
             continue
@@ -201,7 +214,8 @@ def markdown(rows: list[dict], info: dict, model_q: dict, skipped: list[str]) ->
         + (
             "MSE vs exact over every query row."
             if info.get("probe_rows") is None
-            else f"MSE vs exact over {info['probe_rows']} sampled query rows per layer."
+            else f"MSE vs exact over {info['probe_rows']} sampled query rows per layer "
+            "(every row where there are fewer)."
         ),
         "",
         "| method | keep | PSNR (dB) | SSIM | MSE vs exact (mean of sparse steps) "
@@ -307,6 +321,11 @@ def main() -> None:
         parser.error(f"--device {args.device}, but CUDA is not available here")
     if args.probe_rows is not None and args.probe_rows < 1:
         parser.error(f"--probe-rows must be at least 1, got {args.probe_rows}")
+    try:  # before any work: a typo should not cost the classifier's training
+        for spec in split_methods(args.selections) or ():
+            selection_name(spec)
+    except ValueError as err:
+        parser.error(str(err))
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

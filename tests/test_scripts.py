@@ -35,6 +35,23 @@ def test_toy_report_without_cuda_is_a_one_line_error():
     assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_toy_report_refuses_bad_selections_and_probe_rows_before_any_work():
+    pytest.importorskip("diffusers")
+    for bad, message in (
+        (["--selections", "block-topk+uta"], "--selections takes selections"),
+        (["--selections", "block-topk(keep=0.1"], "cannot parse"),
+        (["--probe-rows", "0"], "--probe-rows must be at least 1"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "toy_report.py"), "--device", "cpu", *bad],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+        )
+        assert result.returncode == 2 and message in result.stderr, (bad, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_toy_gpu_script_names_its_usage():
     script = str(ROOT / "scripts" / "toy_gpu.sh")
     result = subprocess.run(["bash", script], capture_output=True, text=True)

@@ -61,6 +61,19 @@ def test_two_step_generation_is_deterministic(model):
     assert not torch.equal(first.dense, _run(model, "full", None, seed=4).dense)
 
 
+def test_sampled_probe_rows_change_only_the_local_error_estimate(model):
+    """probe_rows: the same videos and trajectory error; mse_local from a subset of the rows."""
+    full = _run(model, "block-topk", 0.25, warmup=1)
+    sampled = dense_and_sparse(
+        model, "block-topk", 0.25, seed=3, labels=torch.tensor([label_of("square")]), steps=2,
+        shift=2.0, warmup_steps=1, size=SMALL, probe_rows=40,
+    )  # fmt: skip
+    assert torch.equal(sampled.sparse, full.sparse) and torch.equal(sampled.dense, full.dense)
+    assert sampled.mse_vs_dense == full.mse_vs_dense
+    assert sampled.mse_local[0] < 1e-10 < sampled.mse_local[1] != full.mse_local[1]
+    assert sampled.mse_local[1] == pytest.approx(full.mse_local[1], rel=0.5)
+
+
 def test_full_method_reproduces_the_dense_run(model):
     result = _run(model, "full", None)
     assert torch.equal(result.sparse, result.dense)

@@ -96,7 +96,8 @@ class AttentionProbe:
         rows = self._rows(q.shape[1], q.device)
         if rows is not None:
             q = q[:, rows]
-            mask = None if mask is None else mask[..., rows, :]
+            if mask is not None and mask.shape[-2] != 1:  # a mask per query row
+                mask = mask[..., rows, :]
         exact = F.scaled_dot_product_attention(
             *(x.transpose(1, 2).float() for x in (q, k, v)), attn_mask=mask
         )
