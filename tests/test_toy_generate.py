@@ -15,7 +15,7 @@ from diffusers_tiny import one_thread, plain  # noqa: F401
 from tailattn.cli.generate import generate_command
 from tailattn.toy import quality, weights
 from tailattn.toy.pipeline import label_of
-from tailattn.toy.sample import dense_and_sparse, sigmas
+from tailattn.toy.sample import dense_and_sparse, dense_run, sigmas
 from toy_tiny import tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,6 +72,23 @@ def test_sampled_probe_rows_change_only_the_local_error_estimate(model):
     assert sampled.mse_vs_dense == full.mse_vs_dense
     assert sampled.mse_local[0] < 1e-10 < sampled.mse_local[1] != full.mse_local[1]
     assert sampled.mse_local[1] == pytest.approx(full.mse_local[1], rel=0.5)
+
+
+@pytest.mark.parametrize("method", ["block-topk+uta", "radial"])
+def test_a_recorded_dense_run_gives_the_lockstep_numbers(model, method):
+    """dense_run once, then sparse runs against it: the same clips and per-step errors as the
+    two models in lockstep."""
+    labels = torch.tensor([label_of("square")])
+    kwargs = {"seed": 3, "labels": labels, "steps": 2, "shift": 2.0, "size": SMALL}
+    recorded = dense_run(model, **kwargs)
+    assert len(recorded.outputs) == 2 and len(recorded.outputs[0]) == len(model.transformer.blocks)
+    lockstep = _run(model, method, 0.25, warmup=1)
+    shared = dense_and_sparse(model, method, 0.25, warmup_steps=1, dense=recorded, **kwargs)
+    assert torch.equal(shared.dense, lockstep.dense) and torch.equal(shared.sparse, lockstep.sparse)
+    assert shared.mse_local == lockstep.mse_local
+    assert shared.mse_vs_dense == lockstep.mse_vs_dense
+    with pytest.raises(ValueError, match="recorded with other settings"):
+        dense_and_sparse(model, method, 0.25, dense=recorded, **{**kwargs, "seed": 4})
 
 
 def test_full_method_reproduces_the_dense_run(model):

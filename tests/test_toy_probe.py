@@ -76,6 +76,25 @@ def test_sampled_rows_estimate_the_full_mean():
     assert abs(mean - full) < 4 * spread / len(estimates) ** 0.5
 
 
+def test_a_recorded_dense_run_stands_in_for_the_dense_transformer():
+    gen = torch.Generator().manual_seed(2)
+    b, n, h, d = 1, 16, 1, 8
+    q, k, v = (torch.randn(b, n, h, d, generator=gen) for _ in "qkv")
+    outputs = [torch.randn(b, n, h * d, generator=gen) for _ in range(3)]  # 3 steps, 1 layer
+    sparse = _Transformer(1)
+    probe = AttentionProbe(None, sparse, None, recorded=[{0: o.bfloat16()} for o in outputs])
+    for o in outputs:
+        probe.observe(0, None, (1, 1, 1), q, k, v, None, None)
+        sparse.blocks[0].attn1.to_out[0](o + 1)
+        probe.end_step()
+    expected = [float(((o + 1 - o.bfloat16().float()) ** 2).mean()) for o in outputs]
+    assert probe.mse_vs_dense == pytest.approx(expected)
+    with pytest.raises(ValueError, match="either the dense transformer or its recorded"):
+        AttentionProbe(_Transformer(1), sparse, None, recorded=[])
+    with pytest.raises(ValueError, match="either the dense transformer or its recorded"):
+        AttentionProbe(None, sparse, None)
+
+
 @pytest.mark.parametrize("rows", [0, -3, 2.5, True])
 def test_bad_rows_are_named(rows):
     with pytest.raises(ValueError, match="rows must be a positive integer"):

@@ -13,6 +13,9 @@ where Wan's processor hands it to the output projection (a forward pre-hook on
 Layers that run dense (warm-up steps, dense layers) count with their (zero) error. One step is
 one transformer call per model (guidance branches batched); :meth:`end_step` closes a step.
 
+The dense run can also be one recorded before (``recorded``: per step, each layer's output),
+so that several sparse runs from the same noise share one dense run.
+
 Exact attention in float32 over every query row costs a full attention per layer and step.
 With ``rows`` = R the probe computes it for R query rows only, drawn uniformly without
 replacement (seeded; the same rows at every call of a sequence length), and ``mse_local`` is
@@ -22,6 +25,7 @@ cost. ``mse_vs_dense`` always covers every row.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,14 +38,19 @@ class AttentionProbe:
 
     def __init__(
         self,
-        dense: torch.nn.Module,
+        dense: torch.nn.Module | None,
         sparse: torch.nn.Module,
         handle: Any,
         rows: int | None = None,
         seed: int = 0,
+        recorded: Sequence[Mapping[int, torch.Tensor]] | None = None,
     ) -> None:
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"rows must be a positive integer or None, got {rows!r}")
+        if (dense is None) == (recorded is None):
+            raise ValueError("give either the dense transformer or its recorded outputs")
+        self._recorded = recorded
+        self._step = 0
         self.rows = rows
         self._seed = seed
         self._picked: dict[tuple[int, str], torch.Tensor] = {}
@@ -54,7 +63,7 @@ class AttentionProbe:
         self._local: list[float] = []
         self._trajectory: list[float] = []
         self._hooks = []
-        for layer, block in enumerate(dense.blocks):
+        for layer, block in enumerate(dense.blocks if dense is not None else ()):
             self._hooks.append(
                 block.attn1.to_out[0].register_forward_pre_hook(self._dense_hook(layer))
             )
@@ -75,7 +84,10 @@ class AttentionProbe:
             exact, rows = self._exact.pop(layer), self._at.pop(layer)
             local = out if rows is None else out[:, rows]
             self._local.append(float(((local - exact) ** 2).mean()))
-            dense = self._dense_out.pop(layer)
+            if self._recorded is None:
+                dense = self._dense_out.pop(layer)
+            else:
+                dense = self._recorded[self._step][layer].float()
             self._trajectory.append(float(((out - dense) ** 2).mean()))
 
         return hook
@@ -130,6 +142,7 @@ class AttentionProbe:
         self.mse_vs_dense.append(sum(self._trajectory) / len(self._trajectory))
         self._local.clear()
         self._trajectory.clear()
+        self._step += 1
 
     def __enter__(self) -> AttentionProbe:
         self._handle.add_observer(self)
