@@ -54,12 +54,11 @@ class AttentionProbe:
         self.rows = rows
         self._seed = seed
         self._picked: dict[tuple[int, str], torch.Tensor] = {}
-        self._at: dict[int, torch.Tensor | None] = {}
         self.mse_local: list[float] = []
         self.mse_vs_dense: list[float] = []
         self._handle = handle
         self._dense_out: dict[int, torch.Tensor] = {}
-        self._exact: dict[int, torch.Tensor] = {}
+        self._exact: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # output, rows
         self._local: list[float] = []
         self._trajectory: list[float] = []
         self._hooks = []
@@ -81,7 +80,7 @@ class AttentionProbe:
     def _sparse_hook(self, layer: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             out = args[0].detach().float()
-            exact, rows = self._exact.pop(layer), self._at.pop(layer)
+            exact, rows = self._exact.pop(layer)
             local = out if rows is None else out[:, rows]
             self._local.append(float(((local - exact) ** 2).mean()))
             if self._recorded is None:
@@ -113,8 +112,7 @@ class AttentionProbe:
         exact = F.scaled_dot_product_attention(
             *(x.transpose(1, 2).float() for x in (q, k, v)), attn_mask=mask
         )
-        self._exact[layer] = exact.transpose(1, 2).flatten(2)
-        self._at[layer] = rows
+        self._exact[layer] = exact.transpose(1, 2).flatten(2), rows
 
     def _rows(self, n: int, device: torch.device) -> torch.Tensor | None:
         """The sampled query rows of sequence length ``n`` (sorted), ``None`` for every row."""
@@ -134,7 +132,7 @@ class AttentionProbe:
             ValueError: no layer ran since the last step, or the two runs called different
                 layers.
         """
-        if not self._local or self._dense_out or self._exact or self._at:
+        if not self._local or self._dense_out or self._exact:
             raise ValueError(
                 "the dense and the sparse transformer must each run once per step before end_step()"
             )

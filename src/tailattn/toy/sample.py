@@ -150,9 +150,8 @@ def dense_run(
     record each step's self-attention outputs (:class:`DenseRun`)."""
     device = next(model.parameters()).device
     x = noise(seed, labels.shape[0], (data.CHANNELS, *(size or clip_of(model))), device)
-    levels = sigmas(steps, shift).tolist()
     current: dict[int, torch.Tensor] = {}
-    outputs = []
+    outputs: list[dict[int, torch.Tensor]] = []
 
     def keep(layer: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -162,11 +161,13 @@ def dense_run(
 
     blocks = model.transformer.blocks
     hooks = [b.attn1.to_out[0].register_forward_pre_hook(keep(i)) for i, b in enumerate(blocks)]
+
+    def end_step(i: int) -> None:
+        outputs.append(dict(current))
+        current.clear()
+
     try:
-        for i in range(steps):
-            x = x + (levels[i + 1] - levels[i]) * velocity(model, x, levels[i], labels, guidance)
-            outputs.append(dict(current))
-            current.clear()
+        x = sample(model, x, labels, steps=steps, shift=shift, guidance=guidance, on_step=end_step)
     finally:
         for hook in hooks:
             hook.remove()
