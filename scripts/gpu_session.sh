@@ -7,7 +7,7 @@
 # graphs), suite (every test), skip (in-loop skipping on synthetic attention; skip-toy: on a
 # capture of the shipped toy model, layer 4 at step 13 of 20), calls (per-call table; calls-old: the
 # same for an older checkout unpacked in .old/src; calls-block-err: block-err's rows and its
-# kernels by time), toy-keep03 (the shipped toy's keep-0.3 cells the last report missed), e2e-eager (Wan2.1-1.3B and the
+# kernels by time), toy-keep03 (the shipped toy's keep-0.3 cells the first report missed; measured since), e2e-eager (Wan2.1-1.3B and the
 # HunyuanVideo-sized model), e2e-compiled (Wan2.1-1.3B), e2e-14b (Wan2.1-14B 720p),
 # e2e-14b-compiled (block-topk+drop and +uta at keep 0.1, compile_repeated_blocks()). Wheels
 # in .whl (diffusers for the GPU image) are installed first when present. Every stage appends to $OUT/log.txt.

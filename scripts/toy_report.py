@@ -22,8 +22,9 @@ The dense run is recorded once and every sparse run is compared with the recordi
 (``tailattn.toy.sample.dense_run``; tested to give the numbers of running both in lockstep, with
 one transformer call per step fewer; its outputs take 1.3 GB in bf16 at the toy's 16,384
 tokens, 4 clips and 20 steps; ``--fresh-dense`` runs the dense model beside each method again).
-On the H200 at the toy's 16,384 tokens a method took 26 % less time (``block-topk`` at keep 0.1
-with ``drop`` and ``uta``, 4 clips, 20 steps: 5.85 -> 4.30 s and 5.02 -> 3.69 s), on the 2-core
+On the H200 at the toy's 16,384 tokens a method took 26 % less time, not counting the one dense
+recording (``block-topk`` at keep 0.1 with ``drop`` and ``uta``, 4 clips, 20 steps: 5.85 -> 4.30 s
+and 5.02 -> 3.69 s; one run each), on the 2-core
 CPU at 8 x 32 x 32 (2,048 tokens, 8 steps) 32-40 % less (three methods) after one 4.2 s dense
 run, both with the same MSE to the last digit.
 ``--probe-rows R`` computes the exact attention behind the per-step MSE for R sampled query
