@@ -27,6 +27,8 @@
 #   3. $OUT: the weight shards and card.json as they are, everything else in toy_results.tar.gz
 #      (train/, report/, anatomy/, study-*/ reports, logs). About 6 minutes after the wait: call
 #      it once RUN/train.rc exists, since the wait counts towards the call's own time limit.
+#   Then, on the development machine: python scripts/toy_publish.py --out-dir OUT puts the weights,
+#   tables and figures in place.
 #
 # For a CPU smoke test: DEVICE=cpu, TRAIN_ARGS (e.g. "--config tiny --max-steps 2"),
 # REPORT_ARGS (extra toy_report.py options), PRESETS (synthetic presets, e.g. "small").

@@ -236,3 +236,111 @@ def test_gpu_scripts_without_cuda_are_a_one_line_error(script):
     )
     assert result.returncode == 1
     assert "needs CUDA" in result.stderr and "Traceback" not in result.stderr
+
+
+def _report(rows: list[tuple[str, float | None]]) -> dict:
+    """A toy_report.json with these (method, keep) rows and made-up measurements."""
+    info = {"device": "cpu", "torch": "x", "dtype": "float32", "model": "tiny", "steps": 4,
+            "shift": 2.0, "guidance": 1.0, "clips": 4, "seed": 0}  # fmt: skip
+    return {
+        "info": info,
+        "quality": {"clips": 4, "accuracy_samples_g3": 0.5},
+        "rows": [
+            {
+                "method": m,
+                "keep": k,
+                "psnr": 20.0 + i,
+                "ssim": 0.5,
+                "mse_local_mean": 1e-3,
+                "mse_vs_dense_mean": 2e-3,
+                "accuracy_sparse": 0.25,
+                "mse_local": [1e-3, 2e-3],
+                "mse_vs_dense": [2e-3, 3e-3],
+            }
+            for i, (m, k) in enumerate(rows)
+        ],
+        "skipped": [],
+    }
+
+
+@pytest.fixture
+def published(tiny_weights, tmp_path):  # noqa: F811
+    """A $OUT of toy_gpu.sh report (tiny weights, a results archive) and a repository root
+    holding an older model's files."""
+    out = shutil.copytree(tiny_weights, tmp_path / "out")
+    parts = tmp_path / "parts"
+    png = ROOT / "docs" / "figures" / "toy_loss.png"
+    files = {
+        "train/loss.json": '{"step": [0]}',
+        "report/toy_report.json": json.dumps(
+            _report([("block-topk+drop", 0.1), ("block-topk+uta", 0.1)])
+        ),
+        "anatomy/anatomy.md": "# anatomy\n\n![per head](anatomy.png)\n",
+        "study-toy/report.md": "# study\n\n| a |\n![recall](recall.png)\nlast line\n",
+    }
+    for name, text in files.items():
+        (parts / name).parent.mkdir(parents=True, exist_ok=True)
+        (parts / name).write_text(text)
+    for name in ("train/loss.png", "report/toy_samples_g3.png", "anatomy/anatomy.png"):
+        shutil.copy(png, parts / name)
+    subprocess.run(["tar", "-czf", str(out / "toy_results.tar.gz"), "-C", str(parts), "."],
+                   check=True)  # fmt: skip
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "toy_report.json").write_text(json.dumps(_report([("rectified+drop", None)])))
+    root = tmp_path / "repo"
+    for directory in ("src/tailattn/toy/weights", "docs/results", "docs/figures"):
+        (root / directory).mkdir(parents=True)
+    (root / "src/tailattn/toy/weights/toy-07.safetensors").write_text("an older model's shard")
+    return out, extra, root
+
+
+def _publish(out: Path, root: Path, *extra: Path):
+    reports = [a for e in extra for a in ("--report", str(e))]
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "toy_publish.py"), "--out-dir", str(out),
+         "--root", str(root), *reports],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def test_toy_publish_replaces_the_models_files(published):
+    pytest.importorskip("diffusers")
+    from tailattn.toy import weights
+
+    out, extra, root = published
+    result = _publish(out, root, extra)
+    assert result.returncode == 0, result.stderr
+    target = root / "src/tailattn/toy/weights"
+    card = json.loads((out / "card.json").read_text())
+    shards = sorted(p.name for p in target.glob("toy-*.safetensors"))
+    assert shards == sorted(f["name"] for f in card["files"])  # the older shard is gone
+    assert weights.read_card(target) == card
+    weights.load(target)  # every copied shard matches the card's SHA-256
+    report = json.loads((root / "docs/results/toy_report.json").read_text())
+    assert [(r["method"], r["keep"]) for r in report["rows"]] == [
+        ("block-topk+drop", 0.1), ("block-topk+uta", 0.1), ("rectified+drop", None)]  # fmt: skip
+    assert [run["methods"] for run in report["runs"]] == [["block-topk"], ["rectified"]]
+    assert "| rectified+drop | - |" in (root / "docs/results/toy_report.md").read_text()
+    assert "(../figures/toy_anatomy.png)" in (root / "docs/results/toy_anatomy.md").read_text()
+    study = (root / "docs/results/toy_study.md").read_text()
+    assert "![" not in study and "| a |" in study and study.endswith("last line\n")
+    for name in ("toy_loss.png", "toy_samples.png", "toy_anatomy.png", "toy_fig8b.png"):
+        assert (root / "docs/figures" / name).stat().st_size > 0
+
+
+def test_toy_publish_replaces_nothing_on_bad_input(published):
+    pytest.importorskip("diffusers")
+    out, extra, root = published
+    twice = _publish(out, root, extra, extra)  # the same rows measured twice
+    assert twice.returncode == 1 and "in an earlier report too" in twice.stderr
+    assert "Traceback" not in twice.stderr
+    shard = out / json.loads((out / "card.json").read_text())["files"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[:-1])  # truncated
+    corrupt = _publish(out, root)
+    assert corrupt.returncode == 1 and "Traceback" not in corrupt.stderr
+    assert [p.name for p in (root / "src/tailattn/toy/weights").iterdir()] == [
+        "toy-07.safetensors"]  # fmt: skip
+    assert not any((root / "docs/results").iterdir())
+    missing = _publish(extra, root)
+    assert missing.returncode == 2 and "no toy_results.tar.gz" in missing.stderr
