@@ -2,33 +2,37 @@
 
 ``OUT=DIR bash scripts/toy_gpu.sh report GPU RUN`` leaves in DIR the weight shards,
 ``card.json`` and ``toy_results.tar.gz`` (``train/``, ``report/``, ``anatomy/``, ``study-toy/``,
-...). This script puts each where the package and the docs read it, so that a new model replaces
-every file of the old one in one step:
+...). This script puts each where the package and the docs read it, so that every file the
+report stage produces replaces the old model's in one step:
 
     python scripts/toy_publish.py --out-dir DIR [--report EXTRA_REPORT_DIR ...]
 
-- ``src/tailattn/toy/weights/``: the shards and ``card.json`` (the model is loaded first through
-  ``tailattn.toy.weights.load``, which checks every shard against the card's SHA-256; nothing
-  is replaced if that fails; the old shards are removed) and ``train/loss.json``;
-- ``docs/results/toy_report.md`` and ``.json``: the rows of ``report/`` followed by those of
-  each ``--report`` directory (another ``scripts/toy_report.py`` run on the same weights, e.g.
-  the selections a second GPU measured), each (method, keep) once; the info and the model
-  quality of ``report/``, and in the JSON ``runs``: each report's settings, seconds, model
-  quality and selections;
+- ``src/tailattn/toy/weights/``: the shards, ``card.json`` and ``train/loss.json`` (the old
+  shards removed);
+- ``docs/results/toy_report.md`` and ``.json``: the rows of ``report/`` and of each
+  ``--report`` directory (another ``scripts/toy_report.py`` run on the same weights and
+  settings, e.g. the selections a second GPU measured), each (method, keep) once, ordered by
+  keep (methods without one last); the info and model quality of ``report/``; a method that a
+  later run measured is no longer listed as skipped; in the JSON, ``runs``: per report its
+  settings, seconds, model quality and the selections, keeps and tails it measured;
 - ``docs/figures/``: ``toy_loss.png`` (``train/loss.png``), ``toy_samples.png`` (the samples at
   the default guidance, ``report/toy_samples_g3.png``), ``toy_anatomy.png``
   (``anatomy/anatomy.png``) and ``toy_fig8b.png`` (redrawn from the joined rows);
 - ``docs/results/toy_anatomy.md`` (its figure link pointed at ``docs/figures``) and
   ``toy_study.md`` (the study's report without its figures, which are not kept).
 
-The prose that quotes these numbers (``docs/results/toy.md``, ``docs/toy.md``, the README) is
-updated by hand.
+Everything is read, checked (every shard against the card's SHA-256 by loading the model; the
+reports' settings against each other) and built in a temporary directory before the first file
+in the repository is replaced. Updated by hand, since they quote these numbers or come from
+other runs: ``docs/results/toy.md``, ``docs/toy.md``, the README, and other results of the old
+model (``toy_sampler_sweep_h200.json``, ``skipping_toy_h200.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -43,109 +47,148 @@ from tailattn.toy.pipeline import DEFAULT_GUIDANCE
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\([^)]*\)\s*$")
+SAMPLES = f"report/toy_samples_g{DEFAULT_GUIDANCE:g}.png"
+NEEDED = (
+    "train/loss.json",
+    "train/loss.png",
+    "report/toy_report.json",
+    SAMPLES,
+    "anatomy/anatomy.md",
+    "anatomy/anatomy.png",
+    "study-toy/report.md",
+)
+SAME = ("model", "steps", "shift", "guidance", "clips", "seed", "dtype", "probe_rows")
+"""Settings of a report that another report joined with it must share."""
 
 
-def _run(report: dict) -> dict:
-    """What ``runs`` records of one report: its settings, time, model quality and methods."""
-    return {**report["info"], "quality": report["quality"],
-            "methods": sorted({r["method"].split("+")[0] for r in report["rows"]})}  # fmt: skip
-
-
-def joined_report(main: Path, extra: list[Path]) -> dict:
-    """``main``'s report with the rows of each ``extra`` report after its own and ``runs``, one
-    entry per report; a (method, keep) measured twice is an error, not a silent choice."""
-    report = json.loads((main / "toy_report.json").read_text())
-    report["runs"] = [_run(report)]
-    seen = {(r["method"], r["keep"]) for r in report["rows"]}
-    for directory in extra:
-        other = json.loads((directory / "toy_report.json").read_text())
-        report["runs"].append(_run(other))
-        for row in other["rows"]:
-            key = (row["method"], row["keep"])
-            if key in seen:
-                raise ValueError(f"{directory}: {key[0]} keep={key[1]} is in an earlier report too")
-            seen.add(key)
-            report["rows"].append(row)
-        report["skipped"] += [s for s in other["skipped"] if s not in report["skipped"]]
+def read_report(path: Path) -> dict:
+    """A ``toy_report.json``, checked for the keys the join reads."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(report, dict) or not {"info", "quality", "rows", "skipped"} <= report.keys():
+        raise ValueError(f"{path}: not a toy_report.json (info, quality, rows, skipped)")
     return report
 
 
-def publish(out_dir: Path, extra: list[Path], root: Path) -> list[Path]:
-    """Copy the results in ``out_dir`` into the repository at ``root``; the files written."""
+def _run(report: dict) -> dict:
+    """What ``runs`` records of one report: settings, time, model quality, what it measured."""
+    methods = [r["method"].split("+") for r in report["rows"]]
+    return {
+        **report["info"],
+        "quality": report["quality"],
+        "selections": sorted({m[0] for m in methods}),
+        "tails": sorted({m[1] for m in methods if len(m) > 1}),
+        "keeps": sorted({r["keep"] for r in report["rows"] if r["keep"] is not None}),
+    }
+
+
+def joined_report(main: Path, extra: list[Path]) -> dict:
+    """``main``'s report joined by the rows of each ``extra`` (module docstring); a (method, keep)
+    measured twice or a report of other settings is an error, not a silent choice."""
+    report = read_report(main)
+    report["runs"] = [_run(report)]
+    seen = {(r["method"], r["keep"]) for r in report["rows"]}
+    for path in extra:
+        other = read_report(path)
+        differ = [k for k in SAME if other["info"].get(k) != report["info"].get(k)]
+        if differ:
+            raise ValueError(f"{path}: other settings than {main} ({', '.join(differ)})")
+        for row in other["rows"]:
+            if (row["method"], row["keep"]) in seen:
+                raise ValueError(f"{path}: {row['method']} keep={row['keep']} is in another report")
+            seen.add((row["method"], row["keep"]))
+        report["rows"] += other["rows"]
+        report["skipped"] += [s for s in other["skipped"] if s not in report["skipped"]]
+        report["runs"].append(_run(other))
+    if not report["rows"]:
+        raise ValueError(f"{main}: no method was measured")
+    report["rows"].sort(key=lambda r: math.inf if r["keep"] is None else r["keep"])
+    measured = tuple(f"{m} keep={k}:" for m, k in seen)  # toy_report.py's skipped lines
+    report["skipped"] = [s for s in report["skipped"] if not s.startswith(measured)]
+    return report
+
+
+def build(out_dir: Path, extra: list[Path], stage: Path) -> dict[str, Path]:
+    """Every published file, checked and written under ``stage``: {path in the repository:
+    file under ``stage``}."""
     card = weights.read_card(out_dir)
-    weights.load(out_dir)  # every shard checked against the card before anything is replaced
-    with tempfile.TemporaryDirectory() as tmp:
-        results = Path(tmp)
+    weights.load(out_dir)  # every shard checked against the card
+    results = stage / "results"
+    try:
         with tarfile.open(out_dir / "toy_results.tar.gz") as archive:
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            archive.extractall(results, **safe)  # no absolute paths or links out of it
-        needed = [
-            "train/loss.json",
-            "train/loss.png",
-            "report/toy_report.json",
-            f"report/toy_samples_g{DEFAULT_GUIDANCE:g}.png",
-            "anatomy/anatomy.md",
-            "anatomy/anatomy.png",
-            "study-toy/report.md",
-        ]
-        missing = [name for name in needed if not (results / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"toy_results.tar.gz lacks {', '.join(missing)}")
-        report = joined_report(results / "report", extra)
+            archive.extractall(results, **safe)  # with the filter: nothing outside results
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"{out_dir / 'toy_results.tar.gz'}: {err}") from None
+    missing = [name for name in NEEDED if not (results / name).is_file()]
+    if missing:
+        raise ValueError(f"toy_results.tar.gz lacks {', '.join(missing)}")
+    report = joined_report(results / "report/toy_report.json", extra)
 
-        target = root / "src" / "tailattn" / "toy" / "weights"
-        for old in target.glob("toy-*.safetensors"):
+    built = stage / "built"
+    built.mkdir()
+    (built / "toy_report.md").write_text(
+        toy_report.markdown(report["rows"], report["info"], report["quality"], report["skipped"])
+    )
+    (built / "toy_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    toy_report.figure(report["rows"], built / "toy_fig8b.png")
+    anatomy = (results / "anatomy/anatomy.md").read_text()
+    (built / "toy_anatomy.md").write_text(
+        anatomy.replace("(anatomy.png)", "(../figures/toy_anatomy.png)")
+    )
+    study = (results / "study-toy/report.md").read_text().splitlines()
+    (built / "toy_study.md").write_text(
+        "\n".join(line for line in study if not IMAGE_LINE.match(line)).rstrip() + "\n"
+    )
+    files = {f"src/tailattn/toy/weights/{f['name']}": out_dir / f["name"] for f in card["files"]}
+    return files | {
+        "src/tailattn/toy/weights/card.json": out_dir / weights.CARD,
+        "src/tailattn/toy/weights/loss.json": results / "train/loss.json",
+        "docs/figures/toy_loss.png": results / "train/loss.png",
+        "docs/figures/toy_samples.png": results / SAMPLES,
+        "docs/figures/toy_anatomy.png": results / "anatomy/anatomy.png",
+        "docs/figures/toy_fig8b.png": built / "toy_fig8b.png",
+        **{
+            f"docs/results/{name}": built / name
+            for name in ("toy_report.md", "toy_report.json", "toy_anatomy.md", "toy_study.md")
+        },
+    }
+
+
+def publish(out_dir: Path, extra: list[Path], root: Path) -> list[Path]:
+    """Build everything (:func:`build`), then replace the repository's files at ``root``: the
+    old shards removed, each file written anew (without the source's mode). Returns the files
+    written."""
+    with tempfile.TemporaryDirectory() as stage:
+        files = build(out_dir, extra, Path(stage))
+        for old in (root / "src/tailattn/toy/weights").glob("toy-*.safetensors"):
             old.unlink()
-        written = []
-        for name in [f["name"] for f in card["files"]] + [weights.CARD]:
-            written.append(Path(shutil.copy(out_dir / name, target / name)))
-        written.append(Path(shutil.copy(results / "train/loss.json", target / "loss.json")))
-
-        docs, figures = root / "docs" / "results", root / "docs" / "figures"
-        info, quality = report["info"], report["quality"]
-        toy_report.write(results, info, quality, report["rows"], report["skipped"])
-        written.append(Path(shutil.copy(results / "toy_report.md", docs / "toy_report.md")))
-        (docs / "toy_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        written.append(docs / "toy_report.json")
-        for source, name in (
-            ("train/loss.png", "toy_loss.png"),
-            (f"report/toy_samples_g{DEFAULT_GUIDANCE:g}.png", "toy_samples.png"),
-            ("anatomy/anatomy.png", "toy_anatomy.png"),
-            ("toy_fig8b.png", "toy_fig8b.png"),
-        ):
-            written.append(Path(shutil.copy(results / source, figures / name)))
-        anatomy = (results / "anatomy/anatomy.md").read_text()
-        (docs / "toy_anatomy.md").write_text(
-            anatomy.replace("(anatomy.png)", "(../figures/toy_anatomy.png)")
-        )
-        study = (results / "study-toy/report.md").read_text().splitlines()
-        (docs / "toy_study.md").write_text(
-            "\n".join(line for line in study if not IMAGE_LINE.match(line)).rstrip() + "\n"
-        )
-        written += [docs / "toy_anatomy.md", docs / "toy_study.md"]
-    return written
+        for target, source in files.items():
+            (root / target).unlink(missing_ok=True)  # a read-only old file is replaced too
+            shutil.copyfile(source, root / target)
+    return [root / target for target in files]
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="$OUT of toy_gpu.sh report")
     parser.add_argument(
         "--report", type=Path, action="append", default=[], help="another toy_report.py output"
     )
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root to write into")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     for directory in args.report:
         if not (directory / "toy_report.json").is_file():
             parser.error(f"--report {directory}: no toy_report.json there")
     if not (args.out_dir / "toy_results.tar.gz").is_file():
         parser.error(f"--out-dir {args.out_dir}: no toy_results.tar.gz there")
     try:
-        written = publish(args.out_dir, args.report, args.root)
-    except (weights.WeightsError, ValueError, FileNotFoundError) as err:
+        written = publish(args.out_dir, [d / "toy_report.json" for d in args.report], args.root)
+    except ValueError as err:  # tailattn.toy.weights.WeightsError is one
         sys.exit(f"toy_publish.py: {err}")
-    for path in written:
-        print(path)
-    return written
+    print("\n".join(str(path) for path in written))
 
 
 if __name__ == "__main__":

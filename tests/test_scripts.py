@@ -2,10 +2,12 @@
 report's plan; the error-aware diagnostics against the library (float64)."""
 
 import importlib.util
+import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -238,10 +240,21 @@ def test_gpu_scripts_without_cuda_are_a_one_line_error(script):
     assert "needs CUDA" in result.stderr and "Traceback" not in result.stderr
 
 
-def _report(rows: list[tuple[str, float | None]]) -> dict:
+def _report(rows: list[tuple[str, float | None]], skipped: tuple[str, ...] = (), **info) -> dict:
     """A toy_report.json with these (method, keep) rows and made-up measurements."""
-    info = {"device": "cpu", "torch": "x", "dtype": "float32", "model": "tiny", "steps": 4,
-            "shift": 2.0, "guidance": 1.0, "clips": 4, "seed": 0}  # fmt: skip
+    info = {
+        "device": "cpu",
+        "torch": "x",
+        "dtype": "float32",
+        "model": "tiny",
+        "steps": 4,
+        "shift": 2.0,
+        "guidance": 1.0,
+        "clips": 4,
+        "seed": 0,
+        "probe_rows": None,
+        **info,
+    }
     return {
         "info": info,
         "quality": {"clips": 4, "accuracy_samples_g3": 0.5},
@@ -259,38 +272,50 @@ def _report(rows: list[tuple[str, float | None]]) -> dict:
             }
             for i, (m, k) in enumerate(rows)
         ],
-        "skipped": [],
+        "skipped": list(skipped),
     }
+
+
+def _archive(out: Path, parts: dict[str, str]) -> None:
+    """out/toy_results.tar.gz holding these files (name: text)."""
+    with tarfile.open(out / "toy_results.tar.gz", "w:gz") as archive:
+        for name, text in parts.items():
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+
+
+PARTS = {
+    "train/loss.json": '{"step": [0]}',
+    "train/loss.png": "loss figure",
+    "report/toy_samples_g3.png": "samples figure",
+    "report/toy_report.json": json.dumps(
+        _report(
+            [("block-topk+drop", 0.1), ("block-topk+uta", 0.1)],
+            skipped=("rectified+drop keep=None: out of time",),
+        )
+    ),
+    "anatomy/anatomy.md": "# anatomy\n\n![per head](anatomy.png)\n",
+    "anatomy/anatomy.png": "anatomy figure",
+    "study-toy/report.md": "# study\n\n| a |\n![recall](recall.png)\nlast line\n",
+}
 
 
 @pytest.fixture
 def published(tiny_weights, tmp_path):  # noqa: F811
-    """A $OUT of toy_gpu.sh report (tiny weights, a results archive) and a repository root
-    holding an older model's files."""
+    """A $OUT of toy_gpu.sh report (tiny weights, a results archive), the directory of a second
+    report and a repository root holding an older model's files and others."""
     out = shutil.copytree(tiny_weights, tmp_path / "out")
-    parts = tmp_path / "parts"
-    png = ROOT / "docs" / "figures" / "toy_loss.png"
-    files = {
-        "train/loss.json": '{"step": [0]}',
-        "report/toy_report.json": json.dumps(
-            _report([("block-topk+drop", 0.1), ("block-topk+uta", 0.1)])
-        ),
-        "anatomy/anatomy.md": "# anatomy\n\n![per head](anatomy.png)\n",
-        "study-toy/report.md": "# study\n\n| a |\n![recall](recall.png)\nlast line\n",
-    }
-    for name, text in files.items():
-        (parts / name).parent.mkdir(parents=True, exist_ok=True)
-        (parts / name).write_text(text)
-    for name in ("train/loss.png", "report/toy_samples_g3.png", "anatomy/anatomy.png"):
-        shutil.copy(png, parts / name)
-    subprocess.run(["tar", "-czf", str(out / "toy_results.tar.gz"), "-C", str(parts), "."],
-                   check=True)  # fmt: skip
+    _archive(out, PARTS)
     extra = tmp_path / "extra"
     extra.mkdir()
-    (extra / "toy_report.json").write_text(json.dumps(_report([("rectified+drop", None)])))
+    second = _report([("rectified+drop", None), ("block-err+drop", 0.1)])
+    (extra / "toy_report.json").write_text(json.dumps(second))
     root = tmp_path / "repo"
     for directory in ("src/tailattn/toy/weights", "docs/results", "docs/figures"):
         (root / directory).mkdir(parents=True)
+        (root / directory / "unrelated.txt").write_text("kept")
     (root / "src/tailattn/toy/weights/toy-07.safetensors").write_text("an older model's shard")
     return out, extra, root
 
@@ -298,10 +323,19 @@ def published(tiny_weights, tmp_path):  # noqa: F811
 def _publish(out: Path, root: Path, *extra: Path):
     reports = [a for e in extra for a in ("--report", str(e))]
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "toy_publish.py"), "--out-dir", str(out),
-         "--root", str(root), *reports],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "toy_publish.py"),
+            "--out-dir",
+            str(out),
+            "--root",
+            str(root),
+            *reports,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+    )
 
 
 def test_toy_publish_replaces_the_models_files(published):
@@ -317,30 +351,73 @@ def test_toy_publish_replaces_the_models_files(published):
     assert shards == sorted(f["name"] for f in card["files"])  # the older shard is gone
     assert weights.read_card(target) == card
     weights.load(target)  # every copied shard matches the card's SHA-256
+    assert (target / "loss.json").read_text() == PARTS["train/loss.json"]
     report = json.loads((root / "docs/results/toy_report.json").read_text())
     assert [(r["method"], r["keep"]) for r in report["rows"]] == [
-        ("block-topk+drop", 0.1), ("block-topk+uta", 0.1), ("rectified+drop", None)]  # fmt: skip
-    assert [run["methods"] for run in report["runs"]] == [["block-topk"], ["rectified"]]
-    assert "| rectified+drop | - |" in (root / "docs/results/toy_report.md").read_text()
+        ("block-topk+drop", 0.1),
+        ("block-topk+uta", 0.1),
+        ("block-err+drop", 0.1),
+        ("rectified+drop", None),
+    ]
+    assert [(run["selections"], run["tails"], run["keeps"]) for run in report["runs"]] == [
+        (["block-topk"], ["drop", "uta"], [0.1]),
+        (["block-err", "rectified"], ["drop"], [0.1]),
+    ]
+    assert report["skipped"] == []  # the second report measured what the first skipped
+    table = (root / "docs/results/toy_report.md").read_text()
+    assert "| rectified+drop | - |" in table and "skipped" not in table
     assert "(../figures/toy_anatomy.png)" in (root / "docs/results/toy_anatomy.md").read_text()
     study = (root / "docs/results/toy_study.md").read_text()
     assert "![" not in study and "| a |" in study and study.endswith("last line\n")
-    for name in ("toy_loss.png", "toy_samples.png", "toy_anatomy.png", "toy_fig8b.png"):
-        assert (root / "docs/figures" / name).stat().st_size > 0
+    figures = root / "docs/figures"
+    for name, part in (
+        ("toy_loss.png", "train/loss.png"),
+        ("toy_samples.png", "report/toy_samples_g3.png"),
+        ("toy_anatomy.png", "anatomy/anatomy.png"),
+    ):
+        assert (figures / name).read_text() == PARTS[part]
+    assert (figures / "toy_fig8b.png").read_bytes().startswith(b"\x89PNG")
+    for directory in ("src/tailattn/toy/weights", "docs/results", "docs/figures"):
+        assert (root / directory / "unrelated.txt").read_text() == "kept"
 
 
-def test_toy_publish_replaces_nothing_on_bad_input(published):
+def _untouched(root: Path) -> bool:
+    weights = sorted(p.name for p in (root / "src/tailattn/toy/weights").iterdir())
+    results = [p.name for p in (root / "docs/results").iterdir()]
+    return weights == ["toy-07.safetensors", "unrelated.txt"] and results == ["unrelated.txt"]
+
+
+def test_toy_publish_replaces_nothing_on_bad_input(published, tmp_path):
     pytest.importorskip("diffusers")
     out, extra, root = published
-    twice = _publish(out, root, extra, extra)  # the same rows measured twice
-    assert twice.returncode == 1 and "in an earlier report too" in twice.stderr
-    assert "Traceback" not in twice.stderr
+    again = tmp_path / "again"  # a row of the first report measured again
+    again.mkdir()
+    (again / "toy_report.json").write_text(json.dumps(_report([("block-topk+uta", 0.1)])))
+    other = tmp_path / "other"  # another number of steps
+    other.mkdir()
+    (other / "toy_report.json").write_text(json.dumps(_report([("dfs+drop", 0.1)], steps=8)))
+    for reports, message in (
+        ((extra, extra), "is in another report"),
+        ((again,), "block-topk+uta keep=0.1 is in another report"),
+        ((other,), "other settings than"),
+    ):
+        result = _publish(out, root, *reports)
+        assert result.returncode == 1 and message in result.stderr, (message, result.stderr)
+        assert "Traceback" not in result.stderr and _untouched(root)
+    lacking = shutil.copytree(out, tmp_path / "lacking")
+    _archive(lacking, {k: v for k, v in PARTS.items() if k != "anatomy/anatomy.md"})
+    result = _publish(lacking, root)
+    assert result.returncode == 1 and "lacks anatomy/anatomy.md" in result.stderr
+    (lacking / "toy_results.tar.gz").write_bytes(b"not an archive")
+    result = _publish(lacking, root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     shard = out / json.loads((out / "card.json").read_text())["files"][0]["name"]
     shard.write_bytes(shard.read_bytes()[:-1])  # truncated
-    corrupt = _publish(out, root)
-    assert corrupt.returncode == 1 and "Traceback" not in corrupt.stderr
-    assert [p.name for p in (root / "src/tailattn/toy/weights").iterdir()] == [
-        "toy-07.safetensors"]  # fmt: skip
-    assert not any((root / "docs/results").iterdir())
-    missing = _publish(extra, root)
-    assert missing.returncode == 2 and "no toy_results.tar.gz" in missing.stderr
+    result = _publish(out, root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and _untouched(root)
+    for args, message in (
+        ((extra, root), "no toy_results.tar.gz"),
+        ((out, root, tmp_path), "no toy_report.json"),
+    ):
+        result = _publish(*args)
+        assert result.returncode == 2 and message in result.stderr
