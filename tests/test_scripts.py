@@ -387,8 +387,12 @@ def _untouched(root: Path) -> bool:
     return weights == ["toy-07.safetensors", "unrelated.txt"] and results == ["unrelated.txt"]
 
 
-def test_toy_publish_replaces_nothing_on_bad_input(published, tmp_path):
+def test_toy_publish_replaces_nothing_on_bad_input(published, tmp_path, monkeypatch):
+    """Each bad input is a ValueError (a one-line exit 1 from the command line, shown for the
+    first) before any file of the repository is replaced."""
     pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    publish = script("toy_publish").publish
     out, extra, root = published
     again = tmp_path / "again"  # a row of the first report measured again
     again.mkdir()
@@ -396,25 +400,26 @@ def test_toy_publish_replaces_nothing_on_bad_input(published, tmp_path):
     other = tmp_path / "other"  # another number of steps
     other.mkdir()
     (other / "toy_report.json").write_text(json.dumps(_report([("dfs+drop", 0.1)], steps=8)))
-    for reports, message in (
-        ((extra, extra), "is in another report"),
-        ((again,), "block-topk+uta keep=0.1 is in another report"),
-        ((other,), "other settings than"),
-    ):
-        result = _publish(out, root, *reports)
-        assert result.returncode == 1 and message in result.stderr, (message, result.stderr)
-        assert "Traceback" not in result.stderr and _untouched(root)
+    result = _publish(out, root, extra, extra)
+    assert result.returncode == 1 and "is in another report" in result.stderr
+    assert "Traceback" not in result.stderr and _untouched(root)
     lacking = shutil.copytree(out, tmp_path / "lacking")
     _archive(lacking, {k: v for k, v in PARTS.items() if k != "anatomy/anatomy.md"})
-    result = _publish(lacking, root)
-    assert result.returncode == 1 and "lacks anatomy/anatomy.md" in result.stderr
-    (lacking / "toy_results.tar.gz").write_bytes(b"not an archive")
-    result = _publish(lacking, root)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    shard = out / json.loads((out / "card.json").read_text())["files"][0]["name"]
-    shard.write_bytes(shard.read_bytes()[:-1])  # truncated
-    result = _publish(out, root)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and _untouched(root)
+    broken = shutil.copytree(out, tmp_path / "broken")
+    (broken / "toy_results.tar.gz").write_bytes(b"not an archive")
+    truncated = shutil.copytree(out, tmp_path / "truncated")
+    shard = truncated / json.loads((out / "card.json").read_text())["files"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    for directory, reports, message in (
+        (out, [again], "block-topk\\+uta keep=0.1 is in another report"),
+        (out, [other], "other settings than"),
+        (lacking, [], "lacks anatomy/anatomy.md"),
+        (broken, [], "toy_results.tar.gz"),
+        (truncated, [], "toy-0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            publish(directory, [d / "toy_report.json" for d in reports], root)
+        assert _untouched(root), message
     for args, message in (
         ((extra, root), "no toy_results.tar.gz"),
         ((out, root, tmp_path), "no toy_report.json"),
