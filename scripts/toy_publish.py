@@ -47,16 +47,14 @@ from tailattn.toy.pipeline import DEFAULT_GUIDANCE
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\([^)]*\)\s*$")
-SAMPLES = f"report/toy_samples_g{DEFAULT_GUIDANCE:g}.png"
-NEEDED = (
-    "train/loss.json",
-    "train/loss.png",
-    "report/toy_report.json",
-    SAMPLES,
-    "anatomy/anatomy.md",
-    "anatomy/anatomy.png",
-    "study-toy/report.md",
-)
+COPIED = {
+    "src/tailattn/toy/weights/loss.json": "train/loss.json",
+    "docs/figures/toy_loss.png": "train/loss.png",
+    "docs/figures/toy_samples.png": f"report/toy_samples_g{DEFAULT_GUIDANCE:g}.png",
+    "docs/figures/toy_anatomy.png": "anatomy/anatomy.png",
+}
+"""Files of the results archive published as they are: {path in the repository: in the archive}."""
+NEEDED = (*COPIED.values(), "report/toy_report.json", "anatomy/anatomy.md", "study-toy/report.md")
 SAME = ("model", "steps", "shift", "guidance", "clips", "seed", "dtype", "probe_rows")
 """Settings of a report that another report joined with it must share."""
 
@@ -145,10 +143,7 @@ def build(out_dir: Path, extra: list[Path], stage: Path) -> dict[str, Path]:
     files = {f"src/tailattn/toy/weights/{f['name']}": out_dir / f["name"] for f in card["files"]}
     return files | {
         "src/tailattn/toy/weights/card.json": out_dir / weights.CARD,
-        "src/tailattn/toy/weights/loss.json": results / "train/loss.json",
-        "docs/figures/toy_loss.png": results / "train/loss.png",
-        "docs/figures/toy_samples.png": results / SAMPLES,
-        "docs/figures/toy_anatomy.png": results / "anatomy/anatomy.png",
+        **{target: results / source for target, source in COPIED.items()},
         "docs/figures/toy_fig8b.png": built / "toy_fig8b.png",
         **{
             f"docs/results/{name}": built / name

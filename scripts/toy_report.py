@@ -58,7 +58,7 @@ from tailattn.toy.sample import (
     dense_and_sparse,
     dense_run,
     noise,
-    sample,
+    sample_batches,
 )
 from tailattn.toy.strip import save_strip
 
@@ -196,18 +196,8 @@ def model_quality(
         "clips": n,
     }
     for guidance in [float(g) for g in args.guidances.split(",")]:
-        clips = torch.cat(
-            [
-                sample(
-                    model,
-                    x[i : i + 16],
-                    labels[i : i + 16],
-                    steps=args.steps,
-                    shift=args.shift,
-                    guidance=guidance,
-                )
-                for i in range(0, n, 16)
-            ]
+        clips = sample_batches(
+            model, x, labels, batch=16, steps=args.steps, shift=args.shift, guidance=guidance
         )
         out[f"accuracy_samples_g{guidance:g}"] = quality.label_accuracy(classifier, clips, labels)
         out[f"motion_samples_g{guidance:g}"] = quality.motion(clips)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tailattn.toy import data, quality, weights
-from tailattn.toy.sample import clip_of, noise, sample
+from tailattn.toy.sample import clip_of, noise, sample_batches
 
 BATCH = 16
 """Clips per sampling batch."""
@@ -54,11 +54,7 @@ def accuracy(
 ) -> float:
     """Share of the samples from noise ``x`` that the classifier gives their label."""
     settings = {"steps": steps, "shift": shift, "guidance": guidance}
-    parts = [
-        sample(model, x[i : i + BATCH], labels[i : i + BATCH], **settings)
-        for i in range(0, len(x), BATCH)
-    ]
-    clips = torch.cat(parts)
+    clips = sample_batches(model, x, labels, batch=BATCH, **settings)
     return quality.label_accuracy(classifier, clips, labels)
 
 

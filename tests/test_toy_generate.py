@@ -15,7 +15,7 @@ from diffusers_tiny import one_thread, plain  # noqa: F401
 from tailattn.cli.generate import generate_command
 from tailattn.toy import quality, weights
 from tailattn.toy.pipeline import label_of
-from tailattn.toy.sample import dense_and_sparse, dense_run, sigmas
+from tailattn.toy.sample import dense_and_sparse, dense_run, noise, sample, sample_batches, sigmas
 from toy_tiny import tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,20 @@ def test_sigmas_run_from_one_to_zero_and_shift_moves_them_up():
     assert bool((shifted[1:-1] > plain_levels[1:-1]).all())
     with pytest.raises(ValueError, match="steps"):
         sigmas(0, 1.0)
+
+
+def test_sampling_in_batches_gives_the_clips_of_one_batch(model):
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    x = noise(5, 5, (3, *SMALL), torch.device("cpu"))
+    settings = {"steps": 2, "shift": 2.0, "guidance": 3.0}
+    whole = sample(model, x, labels, **settings)
+    for batch in (2, 5, 8):
+        parts = sample_batches(model, x, labels, batch=batch, **settings)
+        assert parts.shape == whole.shape
+        assert torch.allclose(parts, whole, atol=1e-5), batch
+    for bad in (0, 1.5):
+        with pytest.raises((TypeError, ValueError), match="batch"):
+            sample_batches(model, x, labels, batch=bad, **settings)
 
 
 def _run(model, method, keep, seed=3, warmup=0):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_positive
 from . import data
 from .model import ToyModel
 from .probe import AttentionProbe
@@ -91,6 +92,26 @@ def sample(
         if on_step is not None:
             on_step(i)
     return x
+
+
+def sample_batches(
+    model: ToyModel,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch: int,
+    steps: int,
+    shift: float,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """:func:`sample` over ``batch`` clips of ``x`` at a time (bounded memory), concatenated."""
+    check_positive(batch, "batch", integer=True)
+    settings = {"steps": steps, "shift": shift, "guidance": guidance}
+    parts = [
+        sample(model, x[i : i + batch], labels[i : i + batch], **settings)
+        for i in range(0, x.shape[0], batch)
+    ]
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
