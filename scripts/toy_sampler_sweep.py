@@ -5,7 +5,12 @@ samples (labels cycling through the shapes, the same noise for every setting) ar
 ``tailattn.toy.sample.sample`` (bf16 autocast on CUDA) and the share whose predicted shape is
 their label is recorded, the ``accuracy_samples_g*`` of ``toy_report.py`` over a grid. One frame
 classifier (``quality.train_classifier``, at the first model's clip) serves every model, so
-models with the same clip are compared on equal terms. Prints a table; ``--json`` writes it.
+models with the same clip are compared on equal terms. Each row also has the accuracy per shape
+and, since every setting starts from the same noise, a paired comparison with the first row:
+the samples only the first row recognises, those only this row recognises, and the exact
+McNemar p-value of the difference (``quality.mcnemar_p``), which separates two settings with
+far fewer samples than comparing their accuracies. Prints a table; ``--json`` writes it with
+each sample's outcome (``recognised``, 0 or 1).
 
     python scripts/toy_sampler_sweep.py --weights src/tailattn/toy/weights /tmp/toy-run \\
         --steps 20,50 --shifts 1,2,3 --guidances 3 --device cuda --json sweep.json
@@ -43,7 +48,7 @@ def numbers(text: str, kind: type) -> list:
     return values
 
 
-def accuracy(
+def recognised(
     model: torch.nn.Module,
     classifier: quality.ShapeClassifier,
     x: torch.Tensor,
@@ -51,11 +56,27 @@ def accuracy(
     steps: int,
     shift: float,
     guidance: float,
-) -> float:
-    """Share of the samples from noise ``x`` that the classifier gives their label."""
+) -> list[int]:
+    """Per sample from noise ``x``: 1 if the classifier gives it its label, else 0."""
     settings = {"steps": steps, "shift": shift, "guidance": guidance}
     clips = sample_batches(model, x, labels, batch=BATCH, **settings)
-    return quality.label_accuracy(classifier, clips, labels)
+    return quality.recognised(classifier, clips, labels).int().tolist()
+
+
+def score(outcomes: list[int], labels: list[int], first: list[int] | None) -> dict:
+    """Accuracy, accuracy per shape and, given the first row's outcomes, the paired comparison."""
+    per_shape = {}
+    for index, shape in enumerate(data.SHAPES):
+        mine = [o for o, label in zip(outcomes, labels, strict=True) if label == index]
+        if mine:
+            per_shape[shape] = sum(mine) / len(mine)
+    row = {"accuracy": sum(outcomes) / len(outcomes), "per_shape": per_shape}
+    if first is not None:
+        only_first = sum(a and not b for a, b in zip(first, outcomes, strict=True))
+        only_this = sum(b and not a for a, b in zip(first, outcomes, strict=True))
+        p = quality.mcnemar_p(only_first, only_this)
+        row["vs_first"] = {"only_first": only_first, "only_this": only_this, "p": p}
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,14 +125,24 @@ def main(argv: list[str] | None = None) -> dict:
         else contextlib.nullcontext()
     )
     grid = list(itertools.product(models, args.steps, args.shifts, args.guidances))
-    print("| weights | steps | shift | guidance | accuracy |\n|---|---|---|---|---|")
+    shapes = " / ".join(data.SHAPES)
+    print(f"| weights | steps | shift | guidance | accuracy | {shapes} | vs row 1: only row 1,"
+          " only this (p) |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    first = None
     for name, steps, shift, guidance in grid:
         with autocast:
-            value = accuracy(models[name], classifier, x, labels, steps, shift, guidance)
+            outcomes = recognised(models[name], classifier, x, labels, steps, shift, guidance)
         row = {"weights": name, "steps": steps, "shift": shift, "guidance": guidance,
-               "accuracy": value}  # fmt: skip
+               **score(outcomes, labels.tolist(), first), "recognised": outcomes}  # fmt: skip
+        first = outcomes if first is None else first
         result["rows"].append(row)
-        print(f"| {name} | {steps} | {shift:g} | {guidance:g} | {value:.3f} |", flush=True)
+        paired = row.get("vs_first")
+        versus = (
+            f"{paired['only_first']}, {paired['only_this']} ({paired['p']:.2g})" if paired else "-"
+        )
+        per_shape = " / ".join(f"{value:.2f}" for value in row["per_shape"].values())
+        print(f"| {name} | {steps} | {shift:g} | {guidance:g} | {row['accuracy']:.3f} | "
+              f"{per_shape} | {versus} |", flush=True)  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -19,6 +19,7 @@ from tailattn.data.synthetic import SyntheticSource
 from tailattn.select import BlockErr
 from tailattn.select.blocks import block_budget, pool_blocks
 from tailattn.select.error_aware import key_imbalance, probe_stats_torch, sketch_matrix
+from tailattn.toy import data
 from toy_tiny import tiny_weights  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,29 @@ def test_toy_sampler_sweep_scores_every_setting(tiny_weights, tmp_path):  # noqa
     assert all(r["accuracy"] * 4 == round(r["accuracy"] * 4) and 0 <= r["accuracy"] <= 1
                for r in rows)  # fmt: skip
     assert [r["accuracy"] for r in rows[:4]] == [r["accuracy"] for r in rows[4:]]
+    for row in rows:  # each sample's outcome, summarised per shape
+        assert len(row["recognised"]) == 4 and set(row["recognised"]) <= {0, 1}
+        assert row["accuracy"] == sum(row["recognised"]) / 4
+        assert row["per_shape"] == {shape: float(row["recognised"][i])
+                                    for i, shape in enumerate(data.SHAPES)}  # fmt: skip
+    assert "vs_first" not in rows[0]
+    for row in rows[1:]:  # paired with the first row: the discordant samples and McNemar's p
+        first, mine = rows[0]["recognised"], row["recognised"]
+        paired = row["vs_first"]
+        assert paired["only_first"] == sum(a > b for a, b in zip(first, mine, strict=True))
+        assert paired["only_this"] == sum(b > a for a, b in zip(first, mine, strict=True))
+        assert 0 < paired["p"] <= 1
+    assert rows[4]["vs_first"] == {"only_first": 0, "only_this": 0, "p": 1.0}  # the same model
+
+
+def test_toy_sampler_sweep_scores_a_row_against_the_first():
+    score = script("toy_sampler_sweep").score
+    labels = [0, 1, 2, 3, 0, 1]
+    row = score([1, 0, 1, 1, 0, 0], labels, first=[1, 1, 0, 1, 1, 1])
+    assert row["accuracy"] == 0.5
+    assert row["per_shape"] == dict(zip(data.SHAPES, [0.5, 0.0, 1.0, 1.0], strict=True))
+    assert row["vs_first"] == {"only_first": 3, "only_this": 1, "p": 2 * (1 + 4) / 16}
+    assert "vs_first" not in score([1, 0, 1, 1, 0, 0], labels, first=None)
 
 
 def test_toy_sampler_sweep_refuses_bad_grids(tiny_weights):  # noqa: F811

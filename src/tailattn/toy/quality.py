@@ -12,7 +12,9 @@ Quality of the model (measured, not asserted): a small frame classifier (:class:
 trained on the data generator recognises the shape kind of a frame; a video's prediction is the
 argmax of its frame logits summed. :func:`label_accuracy` is the fraction of generated clips
 whose prediction is the label they were generated for (chance = 1 / 4); the classifier's own
-accuracy on fresh real clips is its calibration. :func:`motion` is the mean absolute change
+accuracy on fresh real clips is its calibration. Two settings sampled from the same noise are
+compared sample by sample (:func:`mcnemar_p`): only the samples that one recognises and the other
+does not tell them apart. :func:`motion` is the mean absolute change
 between successive frames, ``mean |y_{t+1} - y_t|``, to compare with real clips (0 for a still
 video, large for flicker).
 """
@@ -145,4 +147,25 @@ def label_accuracy(
     classifier: ShapeClassifier, videos: torch.Tensor, labels: torch.Tensor
 ) -> float:
     """Fraction of videos whose predicted shape is their label (module docstring)."""
-    return float((classifier.predict(videos) == labels.to(videos.device)).float().mean())
+    return float(recognised(classifier, videos, labels).float().mean())
+
+
+def recognised(
+    classifier: ShapeClassifier, videos: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """(B,) bool: whether each video's predicted shape is its label."""
+    return classifier.predict(videos) == labels.to(videos.device)
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar p-value of two paired classifiers of the same samples.
+
+    With ``b = only_first`` samples right under the first setting only and ``c = only_second``
+    under the second only, under the null hypothesis (both equally good) ``b ~ Binomial(b + c,
+    1/2)``, and ``p = min(1, 2 sum_{i <= min(b, c)} C(b + c, i) / 2^(b + c))`` (1 when b + c = 0).
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"counts must be >= 0, got {only_first} and {only_second}")
+    n = only_first + only_second
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**n)
