@@ -8,9 +8,10 @@ classifier (``quality.train_classifier``, at the first model's clip) serves ever
 models with the same clip are compared on equal terms. Each row also has the accuracy per shape
 and, since every setting starts from the same noise, a paired comparison with the first row:
 the samples only the first row recognises, those only this row recognises, and the exact
-McNemar p-value of the difference (``quality.mcnemar_p``), which separates two settings with
-far fewer samples than comparing their accuracies. Prints a table; ``--json`` writes it with
-each sample's outcome (``recognised``, 0 or 1).
+McNemar p-value of the difference (``quality.mcnemar_p``). It looks only at the samples the two
+settings disagree on, so it separates them with fewer samples than their accuracies do when
+their outcomes are correlated (the same noise often succeeds or fails under both). Prints a
+table; ``--json`` writes it with each sample's outcome (``recognised``, 0 or 1).
 
     python scripts/toy_sampler_sweep.py --weights src/tailattn/toy/weights /tmp/toy-run \\
         --steps 20,50 --shifts 1,2,3 --guidances 3 --device cuda --json sweep.json
@@ -64,12 +65,12 @@ def recognised(
 
 
 def score(outcomes: list[int], labels: list[int], first: list[int] | None) -> dict:
-    """Accuracy, accuracy per shape and, given the first row's outcomes, the paired comparison."""
-    per_shape = {}
+    """Accuracy, accuracy per shape (None for a shape without samples) and, given the first
+    row's outcomes, the paired comparison."""
+    per_shape: dict[str, float | None] = {}
     for index, shape in enumerate(data.SHAPES):
         mine = [o for o, label in zip(outcomes, labels, strict=True) if label == index]
-        if mine:
-            per_shape[shape] = sum(mine) / len(mine)
+        per_shape[shape] = sum(mine) / len(mine) if mine else None
     row = {"accuracy": sum(outcomes) / len(outcomes), "per_shape": per_shape}
     if first is not None:
         only_first = sum(a and not b for a, b in zip(first, outcomes, strict=True))
@@ -134,13 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
             outcomes = recognised(models[name], classifier, x, labels, steps, shift, guidance)
         row = {"weights": name, "steps": steps, "shift": shift, "guidance": guidance,
                **score(outcomes, labels.tolist(), first), "recognised": outcomes}  # fmt: skip
-        first = outcomes if first is None else first
+        if first is None:
+            first = outcomes
         result["rows"].append(row)
         paired = row.get("vs_first")
         versus = (
             f"{paired['only_first']}, {paired['only_this']} ({paired['p']:.2g})" if paired else "-"
         )
-        per_shape = " / ".join(f"{value:.2f}" for value in row["per_shape"].values())
+        per_shape = " / ".join("-" if v is None else f"{v:.2f}" for v in row["per_shape"].values())
         print(f"| {name} | {steps} | {shift:g} | {guidance:g} | {row['accuracy']:.3f} | "
               f"{per_shape} | {versus} |", flush=True)  # fmt: skip
     result["seconds"] = time.perf_counter() - start

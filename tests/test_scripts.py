@@ -153,12 +153,30 @@ def test_toy_sampler_sweep_scores_every_setting(tiny_weights, tmp_path):  # noqa
 
 def test_toy_sampler_sweep_scores_a_row_against_the_first():
     score = script("toy_sampler_sweep").score
-    labels = [0, 1, 2, 3, 0, 1]
-    row = score([1, 0, 1, 1, 0, 0], labels, first=[1, 1, 0, 1, 1, 1])
+    labels = [2, 0, 2, 1, 0, 0]  # no cross: its accuracy is None
+    row = score([1, 0, 0, 1, 1, 0], labels, first=[1, 1, 0, 0, 0, 0])
     assert row["accuracy"] == 0.5
-    assert row["per_shape"] == dict(zip(data.SHAPES, [0.5, 0.0, 1.0, 1.0], strict=True))
-    assert row["vs_first"] == {"only_first": 3, "only_this": 1, "p": 2 * (1 + 4) / 16}
+    assert row["per_shape"] == dict(zip(data.SHAPES, [1 / 3, 1.0, 0.5, None], strict=True))
+    assert row["vs_first"] == {"only_first": 1, "only_this": 2, "p": 1.0}
+    row = score([0, 0, 0, 0, 0, 1], labels, first=[1, 1, 1, 1, 1, 0])
+    assert row["vs_first"] == {"only_first": 5, "only_this": 1, "p": 2 * (1 + 6) / 64}
     assert "vs_first" not in score([1, 0, 1, 1, 0, 0], labels, first=None)
+
+
+def test_toy_sampler_sweep_pairs_every_row_with_the_first(tiny_weights, monkeypatch):  # noqa: F811
+    """With the sampling replaced by fixed outcomes per setting, each row's paired counts are
+    against the first row (not the one before it) and each row keeps its own outcomes."""
+    pytest.importorskip("diffusers")
+    sweep = script("toy_sampler_sweep")
+    outcomes = {1: [1, 1, 1, 0], 2: [0, 1, 1, 1], 3: [0, 0, 1, 1]}  # by steps
+    monkeypatch.setattr(sweep, "recognised", lambda *args: outcomes[args[4]])
+    argv = ["--weights", str(tiny_weights), "--steps", "1,2,3", "--clips", "4",
+            "--classifier-steps", "1", "--device", "cpu"]  # fmt: skip
+    rows = sweep.main(argv)["rows"]
+    assert [row["recognised"] for row in rows] == [outcomes[1], outcomes[2], outcomes[3]]
+    assert rows[1]["vs_first"] == {"only_first": 1, "only_this": 1, "p": 1.0}
+    assert rows[2]["vs_first"] == {"only_first": 2, "only_this": 1, "p": 1.0}
+    assert rows[2]["per_shape"] == dict(zip(data.SHAPES, [0.0, 0.0, 1.0, 1.0], strict=True))
 
 
 def test_toy_sampler_sweep_refuses_bad_grids(tiny_weights):  # noqa: F811

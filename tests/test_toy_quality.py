@@ -1,4 +1,5 @@
-"""The frame classifier of the toy model's quality measure: any frame size, deterministic."""
+"""The toy model's quality measure: the frame classifier (any frame size, deterministic) and
+the exact McNemar test of two settings' paired outcomes."""
 
 import itertools
 

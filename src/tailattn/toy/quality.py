@@ -158,7 +158,8 @@ def recognised(
 
 
 def mcnemar_p(only_first: int, only_second: int) -> float:
-    """Exact two-sided McNemar p-value of two paired classifiers of the same samples.
+    """Exact two-sided McNemar p-value of two settings scored on the same samples (paired
+    outcomes, right or wrong).
 
     With ``b = only_first`` samples right under the first setting only and ``c = only_second``
     under the second only, under the null hypothesis (both equally good) ``b ~ Binomial(b + c,
