@@ -59,8 +59,9 @@ def recognised(
     guidance: float,
 ) -> list[int]:
     """Per sample from noise ``x``: 1 if the classifier gives it its label, else 0."""
-    settings = {"steps": steps, "shift": shift, "guidance": guidance}
-    clips = sample_batches(model, x, labels, batch=BATCH, **settings)
+    clips = sample_batches(
+        model, x, labels, batch=BATCH, steps=steps, shift=shift, guidance=guidance
+    )
     return quality.recognised(classifier, clips, labels).int().tolist()
 
 
