@@ -83,6 +83,8 @@ def test_a_few_cpu_steps_write_weights_card_and_loss(tmp_path):
     assert log["step"] == [2, 4] and log["stage"] == [0, 1]  # a window closes at a stage change
     assert all(value > 0 for value in log["loss"])
     assert card["training"]["final_loss"] == log["loss"][-1]
+    assert card["samples"]["file"] == "samples.png" and (tmp_path / "samples.png").is_file()
+    assert card["samples"]["steps"] == 1  # the strip's own settings, not the sampler's default
 
 
 def test_the_config_records_the_clip_of_the_last_stage(tmp_path):

@@ -26,9 +26,10 @@ tokens per step. The saved config records the last stage's clip as the model's t
 Training stops by wall clock so that the whole run, including saving the weights and sampling
 the frame strip, ends within ``--minutes``. ``DIR`` receives the weight shards (bfloat16 by
 default) and ``card.json`` (``weights``), ``loss.json`` and ``loss.png`` (the loss curve, one
-line per stage) and ``samples.png`` (one sampled clip per label, every other frame). The card's
-``loss_trend`` is the relative change of the loss over the last quarter of the last stage's log
-(least-squares line: slope x span / mean): near 0 when the curve has flattened.
+line per stage) and ``samples.png`` (one sampled clip per label, every other frame; the card's
+``samples`` entry names it and its sampler settings). The card's ``loss_trend`` is the relative
+change of the loss over the last quarter of the last stage's log (least-squares line: slope x
+span / mean): near 0 when the curve has flattened.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from .sample import clip_of, noise, sample, shifted
 from .strip import save_strip
 
 SAMPLING = {"steps": 30, "shift": DEFAULT_SHIFT, "guidance": DEFAULT_GUIDANCE}
-"""Sampler settings of the frame strip written after training."""
+"""Sampler settings of the frame strip written after training (recorded in the card's
+``samples`` entry beside the file name; they describe that strip only: ``tailattn generate`` and
+the report sample with 20 steps)."""
 
 TRAIN_SHIFT = 1.0
 """Default shift of the training noise levels (module docstring)."""
@@ -277,8 +280,7 @@ def _card(
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         },
-        "sampling": {**SAMPLING, "steps": settings.strip_steps},
-        "samples": "samples.png",
+        "samples": {"file": "samples.png", **SAMPLING, "steps": settings.strip_steps},
     }
 
 
@@ -347,7 +349,8 @@ def train(settings: Settings, out: Path) -> Path:
     labels = torch.arange(len(data.SHAPES), device=device)
     x = noise(settings.seed, len(data.SHAPES), (data.CHANNELS, *clip_of(ema)), device)
     with autocast:
-        clips = sample(ema, x, labels, **card["sampling"])
+        strip = {key: value for key, value in card["samples"].items() if key != "file"}
+        clips = sample(ema, x, labels, **strip)
     size = ema.config.size
     save_strip(clips.float(), out / "samples.png", list(data.SHAPES), scale=max(1, 128 // size))
     _plot_loss(losses.log, stages, out / "loss.png")
