@@ -126,6 +126,10 @@ class Settings:
     def schedule(self) -> tuple[Stage, ...]:
         return self.stages or parse_stages(SCHEDULES[self.config])
 
+    def strip_sampling(self) -> dict[str, float]:
+        """Sampler settings of the frame strip: :data:`SAMPLING` with ``strip_steps``."""
+        return {**SAMPLING, "steps": self.strip_steps}
+
 
 def _lr_factor(step: int, fraction: float, warmup: int) -> float:
     """Linear warm-up, then cosine from 1 to 0.1 over the elapsed fraction of the run."""
@@ -280,7 +284,7 @@ def _card(
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         },
-        "samples": {"file": "samples.png", **SAMPLING, "steps": settings.strip_steps},
+        "samples": {"file": "samples.png", **settings.strip_sampling()},
     }
 
 
@@ -349,8 +353,7 @@ def train(settings: Settings, out: Path) -> Path:
     labels = torch.arange(len(data.SHAPES), device=device)
     x = noise(settings.seed, len(data.SHAPES), (data.CHANNELS, *clip_of(ema)), device)
     with autocast:
-        strip = {key: value for key, value in card["samples"].items() if key != "file"}
-        clips = sample(ema, x, labels, **strip)
+        clips = sample(ema, x, labels, **settings.strip_sampling())
     size = ema.config.size
     save_strip(clips.float(), out / "samples.png", list(data.SHAPES), scale=max(1, 128 // size))
     _plot_loss(losses.log, stages, out / "loss.png")
