@@ -25,12 +25,24 @@ cost. ``mse_vs_dense`` always covers every row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def hook_attention_outputs(
+    transformer: torch.nn.Module, hook_of: Callable[[int], Callable[..., None]]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register ``hook_of(layer)`` as a forward pre-hook on each block's self-attention output
+    projection (``blocks[layer].attn1.to_out[0]``: its input is the attention output, (B, N,
+    H * D)); returns the handles."""
+    return [
+        block.attn1.to_out[0].register_forward_pre_hook(hook_of(layer))
+        for layer, block in enumerate(transformer.blocks)
+    ]
 
 
 class AttentionProbe:
@@ -61,15 +73,8 @@ class AttentionProbe:
         self._exact: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # output, rows
         self._local: list[float] = []
         self._trajectory: list[float] = []
-        self._hooks = []
-        for layer, block in enumerate(dense.blocks if dense is not None else ()):
-            self._hooks.append(
-                block.attn1.to_out[0].register_forward_pre_hook(self._dense_hook(layer))
-            )
-        for layer, block in enumerate(sparse.blocks):
-            self._hooks.append(
-                block.attn1.to_out[0].register_forward_pre_hook(self._sparse_hook(layer))
-            )
+        self._hooks = [] if dense is None else hook_attention_outputs(dense, self._dense_hook)
+        self._hooks += hook_attention_outputs(sparse, self._sparse_hook)
 
     def _dense_hook(self, layer: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:

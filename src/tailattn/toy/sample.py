@@ -29,7 +29,7 @@ import torch
 from .._checks import check_positive
 from . import data
 from .model import ToyModel
-from .probe import AttentionProbe
+from .probe import AttentionProbe, hook_attention_outputs
 
 
 def clip_of(model: ToyModel) -> tuple[int, int, int]:
@@ -156,6 +156,14 @@ def _settings(
     return (seed, tuple(labels.tolist()), steps, shift, guidance, tuple(size or clip_of(model)))
 
 
+def _start(
+    model: ToyModel, seed: int, labels: torch.Tensor, size: tuple[int, int, int] | None
+) -> torch.Tensor:
+    """The starting noise of a run from seed ``seed`` at ``size`` (default ``clip_of(model)``)."""
+    device = next(model.parameters()).device
+    return noise(seed, labels.shape[0], (data.CHANNELS, *(size or clip_of(model))), device)
+
+
 @torch.no_grad()
 def dense_run(
     model: ToyModel,
@@ -169,8 +177,7 @@ def dense_run(
 ) -> DenseRun:
     """Sample densely from the noise of seed ``seed`` (as :func:`dense_and_sparse` does) and
     record each step's self-attention outputs (:class:`DenseRun`)."""
-    device = next(model.parameters()).device
-    x = noise(seed, labels.shape[0], (data.CHANNELS, *(size or clip_of(model))), device)
+    x = _start(model, seed, labels, size)
     current: dict[int, torch.Tensor] = {}
     outputs: list[dict[int, torch.Tensor]] = []
 
@@ -180,8 +187,7 @@ def dense_run(
 
         return hook
 
-    blocks = model.transformer.blocks
-    hooks = [b.attn1.to_out[0].register_forward_pre_hook(keep(i)) for i, b in enumerate(blocks)]
+    hooks = hook_attention_outputs(model.transformer, keep)
 
     def end_step(i: int) -> None:
         outputs.append(dict(current))
@@ -232,8 +238,7 @@ def dense_and_sparse(
             f"the dense run was recorded with other settings: {dense.settings} (seed, labels, "
             "steps, shift, guidance, size)"
         )
-    device = next(model.parameters()).device
-    x_dense = noise(seed, labels.shape[0], (data.CHANNELS, *(size or clip_of(model))), device)
+    x_dense = _start(model, seed, labels, size)
     x_sparse = x_dense.clone()
     sparse_model = copy.deepcopy(model)
     levels = sigmas(steps, shift).tolist()
